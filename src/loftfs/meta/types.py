@@ -1,0 +1,179 @@
+"""Value types of the metadata layer, shared by every engine, the data path and the vfs."""
+
+from __future__ import annotations
+
+import json
+import stat
+import uuid as _uuid
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+
+CHUNK_SIZE = 64 << 20  # a file is split into chunks of this many bytes by offset
+ROOT_INODE = 1
+MAX_NAME = 255
+MAX_SYMLINK = 4096
+
+# rename flags (linux/fs.h)
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+# setxattr flags
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+# lock types (fcntl.h)
+F_RDLCK = 0
+F_WRLCK = 1
+F_UNLCK = 2
+LOCK_EOF = (1 << 63) - 1  # inclusive end of a lock that reaches end of file
+# fallocate modes (linux/falloc.h)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+# access() masks
+R_OK, W_OK, X_OK = 4, 2, 1
+# setattr: pass NOW as atime_ns/mtime_ns to use the current time (utimensat UTIME_NOW)
+NOW = -1
+
+
+class FileType(IntEnum):
+    FILE = 1
+    DIR = 2
+    SYMLINK = 3
+    FIFO = 4
+    CHR = 5
+    BLK = 6
+    SOCK = 7
+
+    @property
+    def ifmt(self) -> int:
+        return _IFMT[self]
+
+    @classmethod
+    def from_mode(cls, mode: int) -> FileType:
+        fmt = stat.S_IFMT(mode)
+        for t, m in _IFMT.items():
+            if m == fmt:
+                return t
+        return cls.FILE
+
+
+_IFMT = {
+    FileType.FILE: stat.S_IFREG,
+    FileType.DIR: stat.S_IFDIR,
+    FileType.SYMLINK: stat.S_IFLNK,
+    FileType.FIFO: stat.S_IFIFO,
+    FileType.CHR: stat.S_IFCHR,
+    FileType.BLK: stat.S_IFBLK,
+    FileType.SOCK: stat.S_IFSOCK,
+}
+
+
+@dataclass(slots=True)
+class Attr:
+    """Attributes of one inode. ``mode`` holds only the permission bits (07777)."""
+
+    inode: int
+    type: FileType
+    mode: int
+    uid: int
+    gid: int
+    nlink: int = 1
+    size: int = 0
+    rdev: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    parent: int = 0  # for directories: the parent directory; 0 when not tracked
+
+    @property
+    def st_mode(self) -> int:
+        return self.type.ifmt | (self.mode & 0o7777)
+
+    def copy(self) -> Attr:
+        return Attr(**{f: getattr(self, f) for f in self.__slots__})  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class Ctx:
+    """Who asks: the caller's credentials, as the kernel reports them."""
+
+    uid: int = 0
+    gid: int = 0
+    gids: tuple[int, ...] = ()  # supplementary groups
+    pid: int = 0
+    umask: int = 0o022
+
+    def in_group(self, gid: int) -> bool:
+        return gid == self.gid or gid in self.gids
+
+
+ROOT_CTX = Ctx()
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    name: bytes
+    attr: Attr
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """One record of a chunk's slice list: a range of a stored slice, laid at ``pos`` in the chunk.
+
+    The chunk's content is its slice records laid over each other in list order, later on top.
+    ``id == 0`` is a hole (reads as zeros). ``size`` is the stored slice's full length (needed to
+    name its blocks); ``off``/``len`` select the visible part. ``kind`` is 0 for native blocks;
+    other kinds (external source objects, packed small files) are reserved for later.
+    """
+
+    pos: int
+    id: int
+    size: int
+    off: int
+    len: int
+    kind: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.pos + self.len
+
+
+@dataclass(frozen=True, slots=True)
+class StatFS:
+    total_bytes: int
+    avail_bytes: int
+    used_inodes: int
+    avail_inodes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    sid: int
+    heartbeat_ns: int
+    info: dict
+
+
+@dataclass
+class VolumeSettings:
+    """What ``format`` writes into the metadata engine. Stored as JSON."""
+
+    name: str
+    storage: str = "file"
+    bucket: str = ""
+    uuid: str = field(default_factory=lambda: str(_uuid.uuid4()))
+    block_size: int = 4 << 20
+    compress: str = "none"
+    capacity: int = 0  # bytes, 0 = unlimited
+    inodes: int = 0  # 0 = unlimited
+    trash_days: int = 0
+    created_ns: int = 0
+    version: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VolumeSettings:
+        data = json.loads(text)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)

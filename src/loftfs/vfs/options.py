@@ -1,0 +1,24 @@
+"""Mount-time options, shared by the CLI, the vfs and the data path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MountOptions:
+    buffer_size: int = 300 << 20  # bytes of file data buffered in memory (writes + reads)
+    upload_threads: int = 16  # concurrent block uploads per mount
+    fetch_threads: int = 16  # concurrent block downloads (reads + readahead) per mount
+    readahead_blocks: int = 4  # blocks read ahead on sequential access (upper bound)
+    attr_timeout: float = 1.0  # kernel attribute cache, seconds
+    entry_timeout: float = 1.0  # kernel dentry cache, seconds
+    dir_entry_timeout: float = 1.0
+    enable_xattr: bool = True  # False answers xattr calls with ENOSYS (one call less per write)
+    read_only: bool = False
+    heartbeat_s: float = 12.0  # session heartbeat interval
+    session_timeout_s: float = 60.0  # a session silent this long is stale and gets cleaned
+    gc_interval_s: float = 30.0  # background deletion of unreferenced blocks; 0 disables
+    compact_threshold: int = 32  # slices per chunk that trigger background compaction
+    fuse_options: list[str] = field(default_factory=list)  # -o options passed to the kernel
+    max_fuse_tasks: int = 64  # concurrent FUSE requests in flight
