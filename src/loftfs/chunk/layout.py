@@ -55,6 +55,8 @@ class Segment:
 def overlay(slices: list[Slice], start: int = 0, end: int = CHUNK_SIZE) -> list[Segment]:
     """Lay ``slices`` (oldest first) over each other, newest on top, and return the visible
     segments covering ``[start, end)`` in order; gaps are zero segments (``id == 0``)."""
+    if start >= end:
+        return []
     # Interval list of (pos, end, slice) kept sorted and non-overlapping; each newer slice cuts
     # what it covers out of the older ones. O(n^2) worst case, n is small (compaction bounds it).
     visible: list[tuple[int, int, Slice]] = []

@@ -1,0 +1,99 @@
+"""Block garbage collection: delete the blocks of slices nobody references any more, then drop
+their records. Lazy and in the background, never in the write path (DESIGN 2.1)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from loftfs.chunk.layout import block_keys
+from loftfs.meta.interface import Meta
+from loftfs.object.interface import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class BlockGC:
+    """``run_once`` collects everything queued now; ``start`` repeats it every ``interval_s``
+    seconds in a daemon thread until ``stop``."""
+
+    def __init__(
+        self,
+        meta: Meta,
+        store: ObjectStore,
+        volume_uuid: str,
+        block_size: int,
+        interval_s: float,
+        batch: int = 1000,
+    ) -> None:
+        self.meta = meta
+        self.store = store
+        self.uuid = volume_uuid
+        self.block_size = block_size
+        self.interval_s = interval_s
+        self.batch = batch
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.deleted_slices = 0
+
+    def run_once(self) -> int:
+        """Delete the blocks of every slice queued for deletion; returns how many slices were
+        collected. A slice whose blocks could not all be deleted stays queued for next time."""
+        self._purge_trash()
+        total = 0
+        failed: set[int] = set()
+        while not self._stop.is_set():
+            batch = [(i, n) for i, n in self.meta.deleted_slices(self.batch) if i not in failed]
+            if not batch:
+                break
+            done: list[int] = []
+            for slice_id, size in batch:
+                keys = block_keys(self.uuid, slice_id, size, self.block_size)
+                try:
+                    self.store.delete_many(keys)
+                except Exception as e:
+                    log.warning("gc: could not delete blocks of slice %d: %s", slice_id, e)
+                    failed.add(slice_id)
+                    continue
+                done.append(slice_id)
+            if done:
+                self.meta.forget_deleted_slices(done)
+                total += len(done)
+            else:
+                break  # everything left failed this round
+        self.deleted_slices += total
+        if total:
+            log.debug("gc: deleted the blocks of %d slices", total)
+        return total
+
+    def _purge_trash(self) -> None:
+        """Expired trash releases its slices into the deletion queue first. Engines offer
+        ``cleanup_trash`` outside the ``Meta`` interface; one without it has no trash."""
+        purge = getattr(self.meta, "cleanup_trash", None)
+        if not callable(purge):
+            return
+        try:
+            purge()
+        except Exception as e:
+            log.warning("gc: trash cleanup failed: %s", e)
+
+    def start(self) -> None:
+        if self._thread is not None or self.interval_s <= 0:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="loft-gc", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.run_once()
+            except Exception as e:
+                log.warning("gc round failed: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._stop.clear()  # a later manual ``run_once`` still works

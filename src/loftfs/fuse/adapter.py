@@ -1,0 +1,296 @@
+"""pyfuse3 adapter: translates kernel requests to vfs calls. The only module that imports pyfuse3
+besides ``fuse/mount.py``, so the binding can be swapped without touching the vfs.
+
+Each request runs the blocking vfs call in a worker thread bounded by a ``CapacityLimiter``
+(docs/ARCHITECTURE.md: threading model). Every handler converts ``FSError`` to its errno and any
+other exception to EIO with a log line: one bad request never kills the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from loftfs.errors import FSError, LoftError
+from loftfs.meta.types import NOW, Attr, Ctx, FileType
+from loftfs.vfs.options import MountOptions
+from loftfs.vfs.vfs import VFS
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BLOCK_UNIT = 4096  # st_blksize / statfs block unit reported to the kernel
+
+
+def _ctx(ctx: pyfuse3.RequestContext | None) -> Ctx:
+    if ctx is None:
+        return Ctx()
+    try:
+        gids = tuple(pyfuse3.get_sup_groups(ctx.pid)) if ctx.uid != 0 else ()
+    except Exception:  # the process may have exited already
+        gids = ()
+    return Ctx(uid=ctx.uid, gid=ctx.gid, gids=gids, pid=ctx.pid, umask=ctx.umask)
+
+
+class FuseOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, vfs: VFS, opts: MountOptions) -> None:
+        super().__init__()
+        self.vfs = vfs
+        self.opts = opts
+        self.limiter = trio.CapacityLimiter(max(4, opts.max_fuse_tasks))
+
+    # --- plumbing --------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await trio.to_thread.run_sync(
+                functools.partial(fn, *args, **kwargs), limiter=self.limiter
+            )
+        except FSError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except pyfuse3.FUSEError:
+            raise
+        except LoftError as e:
+            log.error("%s failed: %s", getattr(fn, "__name__", fn), e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.inode
+        e.generation = 0
+        timeout = (
+            self.opts.dir_entry_timeout if attr.type == FileType.DIR else self.opts.entry_timeout
+        )
+        e.entry_timeout = timeout
+        e.attr_timeout = self.opts.attr_timeout
+        e.st_mode = attr.st_mode
+        e.st_nlink = attr.nlink
+        e.st_uid = attr.uid
+        e.st_gid = attr.gid
+        e.st_rdev = attr.rdev
+        e.st_size = attr.size
+        e.st_blksize = BLOCK_UNIT
+        e.st_blocks = (attr.size + 511) // 512
+        e.st_atime_ns = attr.atime_ns
+        e.st_mtime_ns = attr.mtime_ns
+        e.st_ctime_ns = attr.ctime_ns
+        return e
+
+    # --- attributes ------------------------------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        attr = await self._run(self.vfs.lookup, _ctx(ctx), parent_inode, name)
+        return self._entry(attr)
+
+    async def forget(self, inode_list: Any) -> None:
+        return None  # inodes are kept in the metadata engine, not in memory
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._run(self.vfs.getattr, inode))
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        kw: dict[str, Any] = {}
+        if fields.update_mode:
+            kw["mode"] = stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_atime:
+            kw["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_ctime:
+            kw["ctime_ns"] = attr.st_ctime_ns
+        elif kw and "size" not in kw:
+            kw.setdefault("ctime_ns", NOW)
+        result = await self._run(self.vfs.setattr, _ctx(ctx), inode, fh, **kw)
+        return self._entry(result)
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        try:
+            await self._run(self.vfs.access, _ctx(ctx), inode, mode)
+        except pyfuse3.FUSEError as e:
+            if e.errno == errno.EACCES:
+                return False
+            raise
+        return True
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = await self._run(self.vfs.statfs, _ctx(ctx))
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = BLOCK_UNIT
+        s.f_frsize = BLOCK_UNIT
+        s.f_blocks = st.total_bytes // BLOCK_UNIT
+        s.f_bfree = st.avail_bytes // BLOCK_UNIT
+        s.f_bavail = st.avail_bytes // BLOCK_UNIT
+        s.f_files = st.used_inodes + st.avail_inodes
+        s.f_ffree = st.avail_inodes
+        s.f_favail = st.avail_inodes
+        s.f_namemax = 255
+        return s
+
+    # --- namespace -------------------------------------------------------------------------------
+
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        ftype = FileType.from_mode(mode)
+        attr = await self._run(
+            self.vfs.mknod, _ctx(ctx), parent_inode, name, ftype, stat.S_IMODE(mode), rdev
+        )
+        return self._entry(attr)
+
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        attr = await self._run(self.vfs.mkdir, _ctx(ctx), parent_inode, name, stat.S_IMODE(mode))
+        return self._entry(attr)
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        attr = await self._run(self.vfs.symlink, _ctx(ctx), parent_inode, name, target)
+        return self._entry(attr)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self._run(self.vfs.readlink, _ctx(ctx), inode)
+
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        attr = await self._run(self.vfs.link, _ctx(ctx), inode, new_parent_inode, new_name)
+        return self._entry(attr)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._run(self.vfs.unlink, _ctx(ctx), parent_inode, name)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._run(self.vfs.rmdir, _ctx(ctx), parent_inode, name)
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        await self._run(
+            self.vfs.rename,
+            _ctx(ctx),
+            parent_inode_old,
+            name_old,
+            parent_inode_new,
+            name_new,
+            flags,
+        )
+
+    # --- files -----------------------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh, keep, _ = await self._run(self.vfs.open, _ctx(ctx), inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, attr = await self._run(
+            self.vfs.create, _ctx(ctx), parent_inode, name, stat.S_IMODE(mode), flags
+        )
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False), self._entry(attr)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._run(self.vfs.read, fh, off, size)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._run(self.vfs.write, fh, off, buf)
+
+    async def flush(self, fh: int) -> None:
+        await self._run(self.vfs.flush, fh)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._run(self.vfs.fsync, fh, datasync)
+
+    async def release(self, fh: int) -> None:
+        await self._run(self.vfs.release, fh)
+
+    # --- directories -----------------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return await self._run(self.vfs.opendir, _ctx(ctx), inode)
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = await self._run(self.vfs.readdir, Ctx(), fh, start_id)
+        for i, (name, attr) in enumerate(entries, start=start_id + 1):
+            if not pyfuse3.readdir_reply(token, name, self._entry(attr), i):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        await self._run(self.vfs.releasedir, fh)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None  # every namespace change is committed when it returns
+
+    # --- extended attributes ---------------------------------------------------------------------
+
+    def _xattrs_enabled(self) -> None:
+        if not self.opts.enable_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self._xattrs_enabled()
+        await self._run(self.vfs.setxattr, _ctx(ctx), inode, name, value, 0)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._xattrs_enabled()
+        return await self._run(self.vfs.getxattr, _ctx(ctx), inode, name)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._xattrs_enabled()
+        return await self._run(self.vfs.listxattr, _ctx(ctx), inode)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._xattrs_enabled()
+        await self._run(self.vfs.removexattr, _ctx(ctx), inode, name)
+
+
+def mount_options(name: str, opts: MountOptions) -> set[str]:
+    """Kernel mount options: pyfuse3's defaults (default_permissions) plus ours."""
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname=loftfs:{name}", "subtype=loftfs"}
+    if os.geteuid() == 0:
+        options.add("allow_other")  # a shared volume: every local user, checked by mode bits
+    if opts.read_only:
+        options.add("ro")
+    options |= set(opts.fuse_options)
+    return options

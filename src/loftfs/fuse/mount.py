@@ -1,0 +1,236 @@
+"""Mounting: validate, wire meta + storage + data path + vfs, serve until unmounted.
+
+A live mount leaves a record in ``/run/loftfs/mounts/`` (pid, metadata URL, volume) so that
+``loft umount`` and ``loft info`` can find the process and the volume behind a mountpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from loftfs.chunk.datapath import DataPath
+from loftfs.errors import ConfigError
+from loftfs.fuse.adapter import FuseOperations, mount_options
+from loftfs.meta import open_meta
+from loftfs.object import open_volume_storage
+from loftfs.vfs.options import MountOptions
+from loftfs.vfs.vfs import VFS
+
+log = logging.getLogger(__name__)
+
+RECORD_DIR = Path(os.environ.get("LOFT_RUN_DIR", "/run/loftfs")) / "mounts"
+FSTYPE = "fuse.loftfs"
+READ_AHEAD_KB = 1024  # DESIGN 2.4: the kernel default (128 KiB) halves sequential reads
+
+
+@dataclass
+class MountRecord:
+    pid: int
+    meta_url: str
+    mountpoint: str
+    volume: str
+    uuid: str
+
+
+def _record_path(real_mountpoint: str) -> Path:
+    # No realpath() here: the mount process must never touch its own mountpoint before it
+    # serves requests (the lstat would wait for this very process).
+    digest = hashlib.sha1(real_mountpoint.encode()).hexdigest()[:16]
+    return RECORD_DIR / f"{digest}.json"
+
+
+def read_mount_record(mountpoint: str) -> MountRecord | None:
+    """The record of the live mount at ``mountpoint``, or None."""
+    try:
+        data = json.loads(_record_path(os.path.realpath(mountpoint)).read_text())
+        return MountRecord(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_record(rec: MountRecord) -> Path:
+    path = _record_path(rec.mountpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(rec)))
+    os.chmod(tmp, 0o600)  # the metadata URL may hold a password
+    tmp.rename(path)
+    return path
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mountpoint, fstype) of every mount, from /proc/self/mounts (octal escapes decoded)."""
+    out = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3:
+                mp = parts[1].encode().decode("unicode_escape")
+                out.append((mp, parts[2]))
+    return out
+
+
+def is_mounted(mountpoint: str) -> bool:
+    real = os.path.realpath(mountpoint)
+    return any(mp == real for mp, _ in _mounts())
+
+
+def find_mount_root(path: str) -> str | None:
+    """The loftfs mountpoint that contains ``path``, or None."""
+    real = os.path.realpath(path)
+    best = None
+    for mp, fstype in _mounts():
+        if fstype != FSTYPE:
+            continue
+        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and (
+            best is None or len(mp) > len(best)
+        ):
+            best = mp
+    return best
+
+
+def _check_mountpoint(mountpoint: str) -> str:
+    real = os.path.realpath(mountpoint)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise ConfigError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise ConfigError(
+                f"mountpoint {mountpoint} is a dead mount (transport endpoint is not connected); "
+                f"run 'loft umount --force {mountpoint}' first"
+            ) from None
+        raise ConfigError(f"mountpoint {mountpoint}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"mountpoint {mountpoint} is not a directory")
+    if is_mounted(real):
+        raise ConfigError(f"mountpoint {mountpoint} is already in use by another mount")
+    return real
+
+
+def _raise_read_ahead(mountpoint: str) -> None:
+    try:
+        dev = os.stat(mountpoint).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        if bdi.exists() and int(bdi.read_text()) < READ_AHEAD_KB:
+            bdi.write_text(str(READ_AHEAD_KB))
+    except (OSError, ValueError) as e:
+        log.info("could not raise read_ahead_kb: %s", e)
+
+
+def run_mount(
+    meta_url: str,
+    mountpoint: str,
+    opts: MountOptions,
+    *,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount the volume at ``meta_url`` on ``mountpoint`` and serve until unmounted.
+
+    Bad input raises ``LoftError`` subclasses before anything is mounted. SIGTERM, SIGINT and
+    SIGHUP unmount cleanly: buffered data is committed, the session is closed.
+    """
+    real = _check_mountpoint(mountpoint)
+    meta = open_meta(meta_url)
+    try:
+        settings = meta.load_settings()
+        store = open_volume_storage(settings)
+    except BaseException:
+        meta.close()
+        raise
+    if hasattr(meta, "session_timeout_s"):
+        meta.session_timeout_s = opts.session_timeout_s
+    data = DataPath(meta, store, settings, opts)
+    vfs = VFS(meta, data, settings, opts)
+    ops = FuseOperations(vfs, opts)
+    meta.new_session(
+        {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "mountpoint": real,
+            "version": _version(),
+        },
+        heartbeat_s=opts.heartbeat_s,
+    )
+    record: Path | None = None
+    mounted = False
+    try:
+        data.start()
+        pyfuse3.init(ops, real, mount_options(settings.name, opts))
+        mounted = True
+        record = _write_record(
+            MountRecord(os.getpid(), meta_url, real, settings.name, settings.uuid)
+        )
+        log.info("volume %s (%s) mounted at %s", settings.name, settings.uuid, real)
+        trio.run(_serve, real, opts, on_ready)
+    finally:
+        # A second signal during shutdown must not cut the commit of buffered data short.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _already_unmounting)
+        if mounted:
+            # After a signal the kernel mount is still there: take it down so that nothing
+            # blocks on a dead process. After an external umount this is a no-op.
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=True)
+        try:
+            vfs.shutdown()
+            data.close()
+        finally:
+            with contextlib.suppress(Exception):
+                meta.close_session()
+            meta.close()
+            if record is not None:
+                with contextlib.suppress(OSError):
+                    record.unlink()
+        log.info("volume %s unmounted from %s", settings.name, real)
+
+
+def _already_unmounting(signum: int, frame: object) -> None:
+    log.warning("signal %s: already unmounting, committing buffered data", signum)
+
+
+async def _serve(mountpoint: str, opts: MountOptions, on_ready: Callable[[], None] | None) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals, nursery.cancel_scope)
+        nursery.start_soon(_announce_ready, mountpoint, on_ready)
+        await pyfuse3.main(min_tasks=1, max_tasks=opts.max_fuse_tasks)
+        nursery.cancel_scope.cancel()
+
+
+async def _announce_ready(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
+    # A stat through the kernel proves the loop answers requests. Nothing may touch the
+    # mountpoint before the loop runs: the request would wait for this very process.
+    await trio.to_thread.run_sync(os.stat, mountpoint)
+    await trio.to_thread.run_sync(_raise_read_ahead, mountpoint)
+    if on_ready is not None:
+        on_ready()
+
+
+async def _watch_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            scope.cancel()
+            return
+
+
+def _version() -> str:
+    from loftfs import __version__
+
+    return __version__

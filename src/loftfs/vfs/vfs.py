@@ -1,0 +1,475 @@
+"""The vfs: open handles and the POSIX semantics shared by the FUSE adapter and the SDK.
+
+Every method is blocking and thread-safe; the FUSE adapter calls them from worker threads.
+Errors are ``FSError(errno)`` (the adapter maps them to the kernel); anything else is a bug that
+the adapter logs and answers with EIO.
+
+Consistency model (docs/SEMANTICS.md): close-to-open. ``open`` fetches fresh attributes and slice
+lists; ``flush`` (every ``close``), ``fsync`` and ``release`` commit buffered writes, so another
+client that opens the file afterwards sees them. Within one mount, reads see the mount's own
+writes at once (buffered data is committed before a read of the same inode).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from loftfs.chunk.datapath import DataPath, ReadState
+from loftfs.errors import FSError
+from loftfs.meta.interface import Meta
+from loftfs.meta.types import (
+    FALLOC_FL_KEEP_SIZE,
+    Attr,
+    Ctx,
+    DirEntry,
+    FileType,
+    StatFS,
+    VolumeSettings,
+)
+from loftfs.vfs.options import MountOptions
+
+log = logging.getLogger(__name__)
+
+O_ACCMODE = os.O_ACCMODE
+XATTR_SIZE_MAX = 65536
+SEEN_MAX = 100_000
+
+
+@dataclass
+class FileHandle:
+    inode: int
+    flags: int
+    read_state: ReadState | None = None
+    written: bool = False
+
+
+@dataclass
+class DirHandle:
+    inode: int
+    entries: list[DirEntry] | None = None
+    self_attr: Attr | None = None
+    parent_attr: Attr | None = None
+
+
+@dataclass
+class _InodeState:
+    """What this mount knows of an inode it has open."""
+
+    opens: int = 0
+    size: int = 0  # committed size as last seen, raised by our own writes
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class VFS:
+    def __init__(
+        self, meta: Meta, data: DataPath, settings: VolumeSettings, opts: MountOptions
+    ) -> None:
+        self.meta = meta
+        self.data = data
+        self.settings = settings
+        self.opts = opts
+        self._fh = itertools.count(1)
+        self._files: dict[int, FileHandle] = {}
+        self._dirs: dict[int, DirHandle] = {}
+        self._inodes: dict[int, _InodeState] = {}
+        # (mtime_ns, size) of files when the kernel's page cache was last filled: an open of an
+        # unchanged file keeps that cache. Bounded, oldest forgotten first.
+        self._seen: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.opts.read_only:
+            raise FSError(errno.EROFS)
+
+    def _file(self, fh: int) -> FileHandle:
+        h = self._files.get(fh)
+        if h is None:
+            raise FSError(errno.EBADF)
+        return h
+
+    def _with_dirty(self, attr: Attr) -> Attr:
+        """Attributes as this mount sees them: buffered writes extend the size."""
+        if attr.type == FileType.FILE:
+            dirty = self.data.dirty_size(attr.inode)
+            if dirty > attr.size:
+                attr = attr.copy()
+                attr.size = dirty
+        return attr
+
+    # --- attributes and lookups ------------------------------------------------------------------
+
+    def lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
+        return self._with_dirty(self.meta.lookup(ctx, parent, name))
+
+    def getattr(self, inode: int) -> Attr:
+        return self._with_dirty(self.meta.getattr(inode))
+
+    def setattr(
+        self,
+        ctx: Ctx,
+        inode: int,
+        fh: int | None,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> Attr:
+        self._check_writable()
+        attr: Attr | None = None
+        if size is not None:
+            if size < 0:
+                raise FSError(errno.EINVAL)
+            # A truncate through an open handle was permission-checked at open time.
+            handle = self._files.get(fh) if fh is not None else None
+            attr = self._truncate(ctx, inode, size, check_perm=handle is None)
+        if any(v is not None for v in (mode, uid, gid, atime_ns, mtime_ns, ctime_ns)):
+            if mtime_ns is not None:
+                # Buffered writes must not land after an explicit mtime and overwrite it.
+                self.data.flush(inode)
+            attr = self.meta.setattr(
+                ctx,
+                inode,
+                mode=mode,
+                uid=uid,
+                gid=gid,
+                atime_ns=atime_ns,
+                mtime_ns=mtime_ns,
+                ctime_ns=ctime_ns,
+            )
+        if attr is None:
+            attr = self.meta.getattr(inode)
+        return self._with_dirty(attr)
+
+    def _truncate(self, ctx: Ctx, inode: int, size: int, *, check_perm: bool) -> Attr:
+        self.data.flush(inode)
+        attr = self.meta.truncate(ctx, inode, size, check_perm=check_perm)
+        self.data.invalidate(inode)
+        st = self._inodes.get(inode)
+        if st is not None:
+            st.size = attr.size
+        return attr
+
+    def access(self, ctx: Ctx, inode: int, mask: int) -> None:
+        self.meta.access(ctx, inode, mask)
+
+    def statfs(self, ctx: Ctx) -> StatFS:
+        return self.meta.statfs(ctx)
+
+    # --- namespace -------------------------------------------------------------------------------
+
+    def mknod(
+        self, ctx: Ctx, parent: int, name: bytes, type: FileType, mode: int, rdev: int = 0
+    ) -> Attr:
+        self._check_writable()
+        return self.meta.mknod(ctx, parent, name, type, mode, rdev)
+
+    def mkdir(self, ctx: Ctx, parent: int, name: bytes, mode: int) -> Attr:
+        self._check_writable()
+        return self.meta.mkdir(ctx, parent, name, mode)
+
+    def symlink(self, ctx: Ctx, parent: int, name: bytes, target: bytes) -> Attr:
+        self._check_writable()
+        return self.meta.symlink(ctx, parent, name, target)
+
+    def readlink(self, ctx: Ctx, inode: int) -> bytes:
+        return self.meta.readlink(inode)
+
+    def link(self, ctx: Ctx, inode: int, new_parent: int, new_name: bytes) -> Attr:
+        self._check_writable()
+        return self._with_dirty(self.meta.link(ctx, inode, new_parent, new_name))
+
+    def unlink(self, ctx: Ctx, parent: int, name: bytes) -> None:
+        self._check_writable()
+        self.meta.unlink(ctx, parent, name)
+
+    def rmdir(self, ctx: Ctx, parent: int, name: bytes) -> None:
+        self._check_writable()
+        self.meta.rmdir(ctx, parent, name)
+
+    def rename(
+        self, ctx: Ctx, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> None:
+        self._check_writable()
+        self.meta.rename(ctx, parent, name, new_parent, new_name, flags)
+
+    # --- files -----------------------------------------------------------------------------------
+
+    def _register_open(self, attr: Attr, flags: int) -> tuple[int, bool]:
+        """Create a handle; returns (fh, keep_cache)."""
+        inode = attr.inode
+        with self._lock:
+            st = self._inodes.get(inode)
+            if st is None:
+                st = self._inodes[inode] = _InodeState()
+            first = st.opens == 0
+            st.opens += 1
+            fh = next(self._fh)
+            self._files[fh] = FileHandle(inode, flags, read_state=self.data.new_read_state())
+        if first:
+            # Close-to-open: another client may have changed the file since we last read it.
+            self.data.invalidate(inode)
+        st.size = max(attr.size, st.size) if not first else attr.size
+        # The kernel may keep its page cache when the file did not change since we filled it.
+        keep = self._remember(inode, attr) and attr.size > 0
+        return fh, keep
+
+    def _remember(self, inode: int, attr: Attr) -> bool:
+        """Record (mtime, size) of ``inode``; True when it equals what was recorded before."""
+        now = (attr.mtime_ns, attr.size)
+        with self._lock:
+            same = self._seen.get(inode) == now
+            self._seen[inode] = now
+            self._seen.move_to_end(inode)
+            while len(self._seen) > SEEN_MAX:
+                self._seen.popitem(last=False)
+        return same
+
+    def open(self, ctx: Ctx, inode: int, flags: int) -> tuple[int, bool, Attr]:
+        """Open ``inode``; returns (fh, keep_cache, attr)."""
+        if flags & O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            self._check_writable()
+        attr = self.meta.open(ctx, inode, flags)
+        fh, keep = self._register_open(attr, flags)
+        if flags & os.O_TRUNC and attr.type == FileType.FILE:
+            try:
+                attr = self._truncate(ctx, inode, 0, check_perm=False)
+            except BaseException:
+                self.release(fh)
+                raise
+            keep = False
+        return fh, keep, self._with_dirty(attr)
+
+    def create(self, ctx: Ctx, parent: int, name: bytes, mode: int, flags: int) -> tuple[int, Attr]:
+        self._check_writable()
+        try:
+            attr = self.meta.create(ctx, parent, name, mode, flags)
+        except FSError as e:
+            if e.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+            # Another client created the name since the kernel's lookup: open it instead.
+            existing = self.meta.lookup(ctx, parent, name)
+            fh, _, attr = self.open(ctx, existing.inode, flags & ~os.O_CREAT)
+            return fh, attr
+        fh, _ = self._register_open(attr, flags)
+        return fh, attr
+
+    def _file_size(self, inode: int) -> int:
+        st = self._inodes.get(inode)
+        if st is None:
+            return self.meta.getattr(inode).size
+        return st.size
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        h = self._file(fh)
+        if h.flags & O_ACCMODE == os.O_WRONLY:
+            raise FSError(errno.EBADF)
+        if offset < 0:
+            raise FSError(errno.EINVAL)
+        if self.data.dirty_size(h.inode):
+            # Read-your-writes within this mount: commit what is buffered first.
+            self.data.flush(h.inode)
+            self._refresh_size(h.inode)
+        return self.data.read(h.inode, offset, size, self._file_size(h.inode), h.read_state)
+
+    def _refresh_size(self, inode: int) -> None:
+        st = self._inodes.get(inode)
+        if st is not None:
+            st.size = self.meta.getattr(inode).size
+
+    def write(self, fh: int, offset: int, buf: bytes) -> int:
+        h = self._file(fh)
+        if h.flags & O_ACCMODE == os.O_RDONLY:
+            raise FSError(errno.EBADF)
+        if offset < 0:
+            raise FSError(errno.EINVAL)
+        if not buf:
+            return 0
+        self._check_writable()
+        capacity = self.settings.capacity
+        if capacity and offset + len(buf) > capacity:
+            # A file can never be larger than the volume; the quota check at commit covers the
+            # rest (ENOSPC surfaces at fsync/close then).
+            raise FSError(errno.ENOSPC)
+        self.data.writer(h.inode).write(offset, buf)
+        h.written = True
+        st = self._inodes.get(h.inode)
+        if st is not None:
+            with st.lock:
+                st.size = max(st.size, offset + len(buf))
+        return len(buf)
+
+    def flush(self, fh: int) -> None:
+        h = self._file(fh)
+        if h.written:
+            self._commit(h.inode)
+
+    def fsync(self, fh: int, datasync: bool = False) -> None:
+        h = self._file(fh)
+        self._commit(h.inode)
+
+    def _commit(self, inode: int) -> None:
+        self.data.flush(inode)
+        st = self._inodes.get(inode)
+        if st is not None:
+            attr = self.meta.getattr(inode)
+            st.size = attr.size
+            self._remember(inode, attr)
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            h = self._files.pop(fh, None)
+        if h is None:
+            return
+        inode = h.inode
+        try:
+            if h.written:
+                self._commit(inode)
+        finally:
+            with self._lock:
+                st = self._inodes.get(inode)
+                last = st is None or st.opens <= 1
+                if st is not None:
+                    st.opens -= 1
+                if last:
+                    self._inodes.pop(inode, None)
+            if last:
+                try:
+                    self.data.flush(inode)
+                finally:
+                    self.data.release_writer(inode)
+                    # meta tracks opens per (session, inode): only the last handle releases.
+                    self.meta.release(inode)
+
+    def fallocate(self, ctx: Ctx, fh: int, mode: int, offset: int, length: int) -> None:
+        h = self._file(fh)
+        if offset < 0 or length <= 0:
+            raise FSError(errno.EINVAL)
+        self._check_writable()
+        self.data.flush(h.inode)
+        attr = self.meta.fallocate(ctx, h.inode, mode, offset, length)
+        self.data.invalidate(h.inode)
+        st = self._inodes.get(h.inode)
+        if st is not None and not mode & FALLOC_FL_KEEP_SIZE:
+            st.size = attr.size
+
+    def copy_file_range(
+        self, ctx: Ctx, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int
+    ) -> int:
+        src, dst = self._file(fh_in), self._file(fh_out)
+        self._check_writable()
+        self.data.flush(src.inode)
+        self.data.flush(dst.inode)
+        n = self.meta.copy_file_range(ctx, src.inode, off_in, dst.inode, off_out, length)
+        self.data.invalidate(dst.inode)
+        self._refresh_size(dst.inode)
+        return n
+
+    # --- locks (reachable through the SDK; see docs/SEMANTICS.md for FUSE) ---------------------
+
+    def flock(self, ctx: Ctx, fh: int, owner: int, ltype: int, block: bool) -> None:
+        self.meta.flock(ctx, self._file(fh).inode, owner, ltype, block)
+
+    def getlk(
+        self, ctx: Ctx, fh: int, owner: int, ltype: int, start: int, end: int
+    ) -> tuple[int, int, int, int]:
+        return self.meta.getlk(ctx, self._file(fh).inode, owner, ltype, start, end)
+
+    def setlk(
+        self,
+        ctx: Ctx,
+        fh: int,
+        owner: int,
+        block: bool,
+        ltype: int,
+        start: int,
+        end: int,
+        pid: int,
+    ) -> None:
+        self.meta.setlk(ctx, self._file(fh).inode, owner, block, ltype, start, end, pid)
+
+    # --- directories -----------------------------------------------------------------------------
+
+    def opendir(self, ctx: Ctx, inode: int) -> int:
+        attr = self.meta.getattr(inode)
+        if attr.type != FileType.DIR:
+            raise FSError(errno.ENOTDIR)
+        fh = next(self._fh)
+        with self._lock:
+            self._dirs[fh] = DirHandle(inode)
+        return fh
+
+    def readdir(self, ctx: Ctx, fh: int, offset: int) -> list[tuple[bytes, Attr]]:
+        """Entries from index ``offset`` on, ``.`` and ``..`` first. The listing is taken once
+        per handle (at offset 0) so that paging through a changing directory stays stable."""
+        h = self._dirs.get(fh)
+        if h is None:
+            raise FSError(errno.EBADF)
+        if h.entries is None or offset == 0:
+            h.entries = self.meta.readdir(ctx, h.inode)
+            h.self_attr = self.meta.getattr(h.inode)
+            parent = h.self_attr.parent or h.inode
+            h.parent_attr = self.meta.getattr(parent) if parent != h.inode else h.self_attr
+        assert h.self_attr is not None and h.parent_attr is not None
+        listing: list[tuple[bytes, Attr]] = [(b".", h.self_attr), (b"..", h.parent_attr)]
+        listing.extend((e.name, self._with_dirty(e.attr)) for e in h.entries)
+        return listing[offset:]
+
+    def releasedir(self, fh: int) -> None:
+        with self._lock:
+            self._dirs.pop(fh, None)
+
+    # --- extended attributes ---------------------------------------------------------------------
+
+    def getxattr(self, ctx: Ctx, inode: int, name: bytes) -> bytes:
+        return self.meta.getxattr(ctx, inode, name)
+
+    def setxattr(self, ctx: Ctx, inode: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        self._check_writable()
+        if len(value) > XATTR_SIZE_MAX:
+            raise FSError(errno.E2BIG)
+        self.meta.setxattr(ctx, inode, name, value, flags)
+
+    def listxattr(self, ctx: Ctx, inode: int) -> list[bytes]:
+        return self.meta.listxattr(ctx, inode)
+
+    def removexattr(self, ctx: Ctx, inode: int, name: bytes) -> None:
+        self._check_writable()
+        self.meta.removexattr(ctx, inode, name)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def open_handles(self) -> int:
+        return len(self._files)
+
+    def shutdown(self) -> None:
+        """Commit everything still buffered and release open-file records (at unmount)."""
+        with self._lock:
+            handles = list(self._files.values())
+            self._files.clear()
+            self._dirs.clear()
+            inodes = {h.inode for h in handles}
+            self._inodes.clear()
+        for inode in inodes:
+            try:
+                self.data.flush(inode)
+            except FSError as e:
+                log.error("inode %d: buffered data could not be committed at unmount: %s", inode, e)
+            finally:
+                self.data.release_writer(inode)
+        for inode in inodes:
+            try:
+                self.meta.release(inode)
+            except Exception as e:  # the session is closed next anyway
+                log.warning("inode %d: release at unmount failed: %s", inode, e)
