@@ -17,7 +17,9 @@ def parse_size(text: str | int, *, default_unit: str = "") -> int:
         return text
     m = _SIZE_RE.match(text)
     if not m:
-        raise ConfigError(f"invalid size {text!r} (expected a number with an optional K/M/G/T/P suffix)")
+        raise ConfigError(
+            f"invalid size {text!r} (expected a number with an optional K/M/G/T/P suffix)"
+        )
     number, unit = m.group(1), (m.group(2) or default_unit).upper()
     return int(float(number) * _UNITS[unit])
 

@@ -8,38 +8,15 @@ is one branch in ``backend``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from meta_helpers import Backend
 
-from loftfs.meta import Meta, open_meta
-from loftfs.meta.core import MetaCore
+from loftfs.meta import Meta
 from loftfs.meta.types import VolumeSettings
 
 ENGINES = ["sqlite", "sqlite-batched"]
-
-
-@dataclass
-class Backend:
-    """One engine instance under test: its URL and the clients opened on it."""
-
-    name: str
-    url: str
-    batched: bool = False
-    clients: list[Meta] = field(default_factory=list)
-
-    def open(self) -> Meta:
-        """A new client of the volume (as another mount would be)."""
-        meta = open_meta(self.url)
-        if self.batched and isinstance(meta, MetaCore):
-            meta.COUNTERS_IN_TXN = False  # usage counters accumulated in memory
-        self.clients.append(meta)
-        return meta
-
-    def close_all(self) -> None:
-        for meta in self.clients:
-            meta.close()
 
 
 @pytest.fixture(params=ENGINES)

@@ -6,11 +6,13 @@ import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import pytest
 
 from loftfs.errors import FSError
-from loftfs.meta import Meta
+from loftfs.meta import Meta, open_meta
+from loftfs.meta.core import MetaCore
 from loftfs.meta.types import ROOT_CTX, ROOT_INODE, Attr, Ctx, FileType
 
 ROOT = ROOT_INODE
@@ -42,3 +44,25 @@ def shared_dir(meta: Meta, name: bytes = b"shared", mode: int = 0o777) -> Attr:
     attr = meta.mkdir(ROOT_CTX, ROOT, name, mode)
     meta.setattr(ROOT_CTX, attr.inode, mode=mode)
     return meta.getattr(attr.inode)
+
+
+@dataclass
+class Backend:
+    """One engine instance under test: its URL and the clients opened on it."""
+
+    name: str
+    url: str
+    batched: bool = False
+    clients: list[Meta] = field(default_factory=list)
+
+    def open(self) -> Meta:
+        """A new client of the volume (as another mount would be)."""
+        meta = open_meta(self.url)
+        if self.batched and isinstance(meta, MetaCore):
+            meta.COUNTERS_IN_TXN = False  # usage counters accumulated in memory
+        self.clients.append(meta)
+        return meta
+
+    def close_all(self) -> None:
+        for meta in self.clients:
+            meta.close()

@@ -6,8 +6,7 @@ import errno
 import threading
 from collections.abc import Callable
 
-from conftest import Backend
-from meta_helpers import ROOT, RW, names
+from meta_helpers import ROOT, RW, Backend, names
 
 from loftfs.errors import FSError
 from loftfs.meta import Meta

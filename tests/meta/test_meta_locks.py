@@ -8,10 +8,9 @@ import threading
 import time
 
 import pytest
-from conftest import Backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meta_helpers import ROOT, fs_error, mkfile
+from meta_helpers import ROOT, Backend, fs_error, mkfile
 
 from loftfs.meta import Meta
 from loftfs.meta.ops_ext import apply_range

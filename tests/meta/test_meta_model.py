@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import errno
 
-from conftest import Backend
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from meta_helpers import Backend
 
 from loftfs.errors import FSError
 from loftfs.meta import Meta

@@ -10,8 +10,7 @@ import sys
 import textwrap
 import time
 
-from conftest import Backend
-from meta_helpers import ROOT, RW, fs_error, mkfile
+from meta_helpers import ROOT, RW, Backend, fs_error, mkfile
 
 from loftfs.meta import Meta
 from loftfs.meta.types import F_WRLCK, LOCK_EOF, NOW, ROOT_CTX, Slice

@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Backend
-from meta_helpers import ROOT, fs_error
+from meta_helpers import ROOT, Backend, fs_error
 
 from loftfs.errors import ConfigError, MetaUnavailable, NotFormatted, VolumeExists
 from loftfs.meta import Meta, open_meta

@@ -126,6 +126,15 @@ class FuseOperations(pyfuse3.Operations):
             kw["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             kw["mtime_ns"] = attr.st_mtime_ns
+        if ("atime_ns" in kw or "mtime_ns" in kw) and ctx.uid != 0:
+            # pyfuse3 turns UTIME_NOW into an explicit time. With default_permissions the kernel
+            # lets a non-owner set times only to "now" (with write permission), so a non-owner's
+            # request here is always a "now" request: say so, or the owner check refuses it.
+            owner = (await self._run(self.vfs.getattr, inode)).uid
+            if owner != ctx.uid:
+                for key in ("atime_ns", "mtime_ns"):
+                    if key in kw:
+                        kw[key] = NOW
         if fields.update_ctime:
             kw["ctime_ns"] = attr.st_ctime_ns
         elif kw and "size" not in kw:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 RECORD_DIR = Path(os.environ.get("LOFT_RUN_DIR", "/run/loftfs")) / "mounts"
 FSTYPE = "fuse.loftfs"
 READ_AHEAD_KB = 1024  # DESIGN 2.4: the kernel default (128 KiB) halves sequential reads
+_OCTAL = re.compile(rb"\\([0-7]{3})")  # /proc/mounts escapes space, tab, newline, backslash
 
 
 @dataclass
@@ -75,12 +77,12 @@ def _write_record(rec: MountRecord) -> Path:
 def _mounts() -> list[tuple[str, str]]:
     """(mountpoint, fstype) of every mount, from /proc/self/mounts (octal escapes decoded)."""
     out = []
-    with open("/proc/self/mounts") as f:
+    with open("/proc/self/mounts", "rb") as f:
         for line in f:
             parts = line.split()
             if len(parts) >= 3:
-                mp = parts[1].encode().decode("unicode_escape")
-                out.append((mp, parts[2]))
+                mp = _OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), parts[1])
+                out.append((os.fsdecode(mp), os.fsdecode(parts[2])))
     return out
 
 

@@ -208,6 +208,11 @@ class Meta(ABC):
     def forget_deleted_slices(self, ids: list[int]) -> None:
         """Drop the records of slices whose blocks were deleted from the object store."""
 
+    @abstractmethod
+    def cleanup_trash(self) -> int:
+        """Release the data of trashed files older than the volume's ``trash_days`` (their
+        slices go to ``deleted_slices``). Returns how many files were purged."""
+
     # --- extended attributes ------------------------------------------------------------------
 
     @abstractmethod

@@ -16,8 +16,9 @@ import threading
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from loftfs.errors import ConfigError, MetaUnavailable
+from loftfs.errors import ConfigError, MetaUnavailable, NotFormatted
 from loftfs.meta.sql import SQLDialect, SQLMeta
+from loftfs.meta.types import VolumeSettings
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -63,6 +64,7 @@ class SQLiteMeta(SQLMeta):
             )
         if os.path.exists(self.path) and not os.access(self.path, os.R_OK | os.W_OK):
             raise MetaUnavailable(f"metadata database is not readable and writable: {self.path}")
+        self._may_create = False  # only init_volume creates the database file
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
@@ -73,6 +75,11 @@ class SQLiteMeta(SQLMeta):
             return conn
         if self._closed:
             raise MetaUnavailable("the metadata engine is closed")
+        if not self._may_create and not os.path.exists(self.path):
+            raise NotFormatted(
+                f"no loftfs volume at {self.url}: the database {self.path} does not exist "
+                "(run 'loft format' first)"
+            )
         try:
             conn = sqlite3.connect(
                 self.path,
@@ -89,6 +96,13 @@ class SQLiteMeta(SQLMeta):
         with self._conns_lock:
             self._conns.append(conn)
         return conn
+
+    def init_volume(self, settings: VolumeSettings) -> None:
+        self._may_create = True
+        try:
+            super().init_volume(settings)
+        finally:
+            self._may_create = False
 
     def _begin(self, cur: Any, write: bool) -> None:
         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")

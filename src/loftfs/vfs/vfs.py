@@ -110,7 +110,19 @@ class VFS:
         return self._with_dirty(self.meta.lookup(ctx, parent, name))
 
     def getattr(self, inode: int) -> Attr:
-        return self._with_dirty(self.meta.getattr(inode))
+        try:
+            return self._with_dirty(self.meta.getattr(inode))
+        except FSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            # A directory removed while open: fstat on its handle still answers, nlink 0.
+            with self._lock:
+                attr = next((h.self_attr for h in self._dirs.values() if h.inode == inode), None)
+            if attr is None:
+                raise
+            attr = attr.copy()
+            attr.nlink = 0
+            return attr
 
     def setattr(
         self,
@@ -407,7 +419,7 @@ class VFS:
             raise FSError(errno.ENOTDIR)
         fh = next(self._fh)
         with self._lock:
-            self._dirs[fh] = DirHandle(inode)
+            self._dirs[fh] = DirHandle(inode, self_attr=attr)
         return fh
 
     def readdir(self, ctx: Ctx, fh: int, offset: int) -> list[tuple[bytes, Attr]]:
@@ -417,7 +429,12 @@ class VFS:
         if h is None:
             raise FSError(errno.EBADF)
         if h.entries is None or offset == 0:
-            h.entries = self.meta.readdir(ctx, h.inode)
+            try:
+                h.entries = self.meta.readdir(ctx, h.inode)
+            except FSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+                return []  # removed while open: empty, as on a local file system
             h.self_attr = self.meta.getattr(h.inode)
             parent = h.self_attr.parent or h.inode
             h.parent_attr = self.meta.getattr(parent) if parent != h.inode else h.self_attr

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole check, as CI runs it: setup with the test tools, lint, type check, tests.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh tests/cli -x`).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/setup.sh --test
+echo "test: ruff check"
+.venv/bin/ruff check .
+echo "test: mypy"
+.venv/bin/mypy
+echo "test: pytest"
+.venv/bin/pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,296 @@
+"""``loft format``: create a volume (settings in the metadata engine, a marker in the bucket).
+
+Everything that can be checked is checked before anything is written: the name, the sizes, that
+no volume exists at the metadata URL, that the bucket accepts put/get/list/delete and holds no
+other volume. Only then the bucket marker and the metadata are written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+from loftfs import __version__
+from loftfs.cli.common import (
+    kv_table,
+    meta_session,
+    non_negative,
+    print_table,
+    redact_url,
+    say,
+)
+from loftfs.errors import (
+    ConfigError,
+    LoftError,
+    NotFormatted,
+    ObjectNotFound,
+    ObjectStoreError,
+    VolumeExists,
+)
+from loftfs.meta.types import CHUNK_SIZE, VolumeSettings
+from loftfs.object.interface import ObjectStore
+from loftfs.utils import format_size, parse_size
+
+MIN_BLOCK_SIZE = 64 << 10
+MAX_BLOCK_SIZE = CHUNK_SIZE  # a block never spans chunks
+VOLUME_MARKER = ".loftfs-volume"  # <uuid>/.loftfs-volume: "this bucket holds that volume"
+_PROBE_PREFIX = ".loftfs-probe-"
+_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,61})[a-z0-9]$")
+
+
+class Compression(StrEnum):
+    none = "none"
+    lz4 = "lz4"
+    zstd = "zstd"
+
+
+def marker_key(volume_uuid: str) -> str:
+    return f"{volume_uuid}/{VOLUME_MARKER}"
+
+
+def validate_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"invalid volume name {name!r}: use 3-63 characters a-z, 0-9 and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def validate_block_size(text: str) -> int:
+    size = parse_size(text)
+    if size < MIN_BLOCK_SIZE or size > MAX_BLOCK_SIZE or size & (size - 1):
+        raise ConfigError(
+            f"invalid block size {text!r}: must be a power of two between "
+            f"{format_size(MIN_BLOCK_SIZE)} and {format_size(MAX_BLOCK_SIZE)}"
+        )
+    return size
+
+
+def normalize_bucket(storage: str, bucket: str) -> str:
+    """A local bucket is stored as an absolute path: mounts may run from another directory."""
+    if not bucket:
+        raise ConfigError("--bucket must not be empty")
+    if storage == "file" and "://" not in bucket:
+        return os.path.abspath(os.path.expanduser(bucket))
+    return bucket
+
+
+def _storage_error(store_desc: str, e: BaseException) -> ConfigError:
+    detail = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.strerror:
+        detail = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return ConfigError(f"storage {store_desc} is not usable: {detail}")
+
+
+def check_storage(store: ObjectStore) -> None:
+    """Create the bucket and round-trip a probe object through it."""
+    desc = store.describe()
+    probe = f"{_PROBE_PREFIX}{secrets.token_hex(8)}"
+    payload = secrets.token_bytes(64)
+    try:
+        store.create()
+        store.put(probe, payload)
+        try:
+            got = store.get(probe)
+            if got != payload:
+                raise ConfigError(
+                    f"storage {desc} is not usable: a probe object read back differently"
+                )
+            if not any(o.key == probe for o in store.list(prefix=_PROBE_PREFIX)):
+                raise ConfigError(
+                    f"storage {desc} is not usable: a probe object is missing from its listing"
+                )
+        finally:
+            store.delete(probe)
+    except ConfigError:
+        raise
+    except (ObjectStoreError, OSError) as e:
+        raise _storage_error(desc, e) from e
+
+
+def existing_volumes(store: ObjectStore) -> list[tuple[str, dict]]:
+    """Volumes whose marker lies at the bucket root, as (uuid, marker content)."""
+    found: list[tuple[str, dict]] = []
+    try:
+        for entry in store.list(delimiter="/"):
+            if not entry.is_prefix:
+                continue
+            volume_uuid = entry.key.rstrip("/")
+            try:
+                raw = store.get(marker_key(volume_uuid))
+            except ObjectNotFound:
+                continue
+            try:
+                content = json.loads(raw)
+            except ValueError:
+                content = {}
+            found.append((volume_uuid, content if isinstance(content, dict) else {}))
+    except (ObjectStoreError, OSError) as e:
+        raise _storage_error(store.describe(), e) from e
+    return found
+
+
+def marker_content(settings: VolumeSettings, meta_url: str) -> bytes:
+    return json.dumps(
+        {
+            "name": settings.name,
+            "uuid": settings.uuid,
+            "meta": redact_url(meta_url),
+            "created_ns": settings.created_ns,
+            "host": socket.gethostname(),
+            "loftfs": __version__,
+        },
+        sort_keys=True,
+    ).encode()
+
+
+def summary_rows(
+    settings: VolumeSettings, meta_url: str, storage_desc: str
+) -> list[tuple[str, str]]:
+    return [
+        ("name", settings.name),
+        ("uuid", settings.uuid),
+        ("metadata", redact_url(meta_url)),
+        ("storage", storage_desc),
+        ("block size", format_size(settings.block_size)),
+        ("compression", settings.compress),
+        ("capacity", format_size(settings.capacity) if settings.capacity else "unlimited"),
+        ("inodes", str(settings.inodes) if settings.inodes else "unlimited"),
+        ("trash days", str(settings.trash_days) if settings.trash_days else "off"),
+    ]
+
+
+def format_cmd(
+    meta_url: Annotated[
+        str,
+        typer.Argument(
+            metavar="META_URL", help="Metadata engine URL, e.g. sqlite3:///var/lib/loftfs/v.db"
+        ),
+    ],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="Volume name: 3-63 characters a-z, 0-9, '-'")
+    ],
+    bucket: Annotated[
+        str, typer.Option("--bucket", help="Where data objects go (a directory for --storage file)")
+    ],
+    storage: Annotated[str, typer.Option("--storage", help="Object storage type")] = "file",
+    block_size: Annotated[
+        str,
+        typer.Option("--block-size", help="Size of data blocks (objects): a power of two, 64K-64M"),
+    ] = "4M",
+    compress: Annotated[
+        Compression, typer.Option("--compress", help="Compression of data blocks")
+    ] = Compression.none,
+    capacity: Annotated[
+        str, typer.Option("--capacity", help="Space quota, e.g. 10T (0: unlimited)")
+    ] = "0",
+    inodes: Annotated[int, typer.Option("--inodes", help="Inode quota (0: unlimited)")] = 0,
+    trash_days: Annotated[
+        int, typer.Option("--trash-days", help="Keep deleted files this many days (0: off)")
+    ] = 0,
+    if_missing: Annotated[
+        bool,
+        typer.Option(
+            "--if-missing",
+            help="Succeed without changes if this volume (same name, storage, bucket) exists",
+        ),
+    ] = False,
+) -> None:
+    """Create a volume: settings in META_URL, data objects in the bucket."""
+    from loftfs.object import create_storage
+
+    storage = storage.lower()
+    validate_name(name)
+    block = validate_block_size(block_size)
+    quota = parse_size(capacity)
+    non_negative(inodes, "--inodes")
+    non_negative(trash_days, "--trash-days")
+    bucket = normalize_bucket(storage, bucket)
+
+    with meta_session(meta_url) as meta:
+        try:
+            existing = meta.load_settings()
+        except NotFormatted:
+            existing = None
+        if existing is not None:
+            _report_existing(existing, meta_url, name, storage, bucket, if_missing)
+            return
+
+        store = create_storage(storage, bucket, compress="none")
+        try:
+            check_storage(store)
+            others = existing_volumes(store)
+            if others:
+                volume_uuid, info = others[0]
+                label = f"'{info['name']}' " if info.get("name") else ""
+                raise ConfigError(
+                    f"bucket {store.describe()} already holds volume {label}({volume_uuid}); "
+                    "use another bucket, or 'loft destroy' that volume first"
+                )
+            settings = VolumeSettings(
+                name=name,
+                storage=storage,
+                bucket=bucket,
+                block_size=block,
+                compress=compress.value,
+                capacity=quota,
+                inodes=inodes,
+                trash_days=trash_days,
+                created_ns=time.time_ns(),
+            )
+            marker = marker_key(settings.uuid)
+            try:
+                store.put(marker, marker_content(settings, meta_url))
+            except (ObjectStoreError, OSError) as e:
+                raise _storage_error(store.describe(), e) from e
+            try:
+                meta.init_volume(settings)
+            except BaseException:
+                _forget_marker(store, marker)
+                raise
+            storage_desc = store.describe()
+        finally:
+            store.close()
+
+    say(f"Formatted volume {name}")
+    print_table(kv_table("", summary_rows(settings, meta_url, storage_desc)))
+
+
+def _forget_marker(store: ObjectStore, marker: str) -> None:
+    """Undo the marker of a format that failed; the original error matters more than this."""
+    try:
+        store.delete(marker)
+    except (ObjectStoreError, OSError):
+        logging.getLogger(__name__).warning("could not remove %s after a failed format", marker)
+
+
+def _report_existing(
+    existing: VolumeSettings,
+    meta_url: str,
+    name: str,
+    storage: str,
+    bucket: str,
+    if_missing: bool,
+) -> None:
+    where = redact_url(meta_url)
+    if not if_missing:
+        raise VolumeExists(
+            f"a volume ('{existing.name}', {existing.uuid}) already exists at {where}; "
+            "nothing was changed"
+        )
+    if (existing.name, existing.storage, existing.bucket) != (name, storage, bucket):
+        raise LoftError(
+            f"a different volume ('{existing.name}' on {existing.storage} {existing.bucket}) "
+            f"exists at {where}; nothing was changed"
+        )
+    say(f"Volume {existing.name} ({existing.uuid}) already exists at {where}; nothing changed")

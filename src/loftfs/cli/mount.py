@@ -1,0 +1,399 @@
+"""``loft mount``: serve a volume at a mountpoint, in the foreground or as a background process.
+
+``-d`` starts the same command in the foreground in a new session, with its output going to a
+log file, and waits on a pipe until the child says the mount answers (or why it failed): the
+parent's exit status then tells the truth about the mount, which scripts and agents rely on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from loftfs.cli.common import (
+    absolute_meta_url,
+    debug_enabled,
+    one_line,
+    say,
+    setup_logging,
+)
+from loftfs.errors import ConfigError, LoftError
+from loftfs.utils import parse_size
+from loftfs.vfs.options import MountOptions
+
+_DEFAULTS = MountOptions()
+READY = b"ready"
+ERROR_PREFIX = b"error "
+SYSTEM_LOG_DIR = "/var/log/loftfs"
+
+
+def mountpoint_slug(mountpoint: str) -> str:
+    """A file name for a mountpoint: ``/mnt/loft/demo`` -> ``mnt-loft-demo``."""
+    path = os.path.abspath(mountpoint).strip("/")
+    return path.replace("/", "-") or "root"
+
+
+def size_text(n: int) -> str:
+    """The shortest exact size flag for ``n`` bytes: ``300M``, ``1G``, ``4097``."""
+    for suffix, unit in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+def default_log_path(mountpoint: str) -> str:
+    """``/var/log/loftfs/<slug>.log`` where writable, else ``~/.loftfs/log/<slug>.log``."""
+    name = f"{mountpoint_slug(mountpoint)}.log"
+    try:
+        os.makedirs(SYSTEM_LOG_DIR, exist_ok=True)
+        if os.access(SYSTEM_LOG_DIR, os.W_OK):
+            return os.path.join(SYSTEM_LOG_DIR, name)
+    except OSError:
+        pass
+    return os.path.join(os.path.expanduser("~/.loftfs/log"), name)
+
+
+def build_options(
+    *,
+    buffer_size: str,
+    upload_threads: int,
+    fetch_threads: int,
+    readahead_blocks: int,
+    attr_timeout: float,
+    entry_timeout: float,
+    dir_entry_timeout: float,
+    no_xattr: bool,
+    read_only: bool,
+    heartbeat: float,
+    gc_interval: float,
+    fuse_options: list[str],
+) -> MountOptions:
+    """Validated ``MountOptions`` from command-line values."""
+    buffer = parse_size(buffer_size)
+    if buffer < (1 << 20):
+        raise ConfigError(f"--buffer-size must be at least 1M, not {buffer_size!r}")
+    for flag, count in (("--upload-threads", upload_threads), ("--fetch-threads", fetch_threads)):
+        if count < 1:
+            raise ConfigError(f"{flag} must be at least 1, not {count}")
+    if readahead_blocks < 0:
+        raise ConfigError(f"--readahead-blocks must be 0 or more, not {readahead_blocks}")
+    for flag, seconds in (
+        ("--attr-timeout", attr_timeout),
+        ("--entry-timeout", entry_timeout),
+        ("--dir-entry-timeout", dir_entry_timeout),
+        ("--gc-interval", gc_interval),
+    ):
+        if seconds < 0:
+            raise ConfigError(f"{flag} must be 0 or more, not {seconds}")
+    if heartbeat <= 0:
+        raise ConfigError(f"--heartbeat must be more than 0, not {heartbeat}")
+    options: list[str] = []
+    for group in fuse_options:
+        for opt in group.split(","):
+            opt = opt.strip()
+            if opt:
+                options.append(opt)
+    if "ro" in options:
+        read_only = True
+    return MountOptions(
+        buffer_size=buffer,
+        upload_threads=upload_threads,
+        fetch_threads=fetch_threads,
+        readahead_blocks=readahead_blocks,
+        attr_timeout=attr_timeout,
+        entry_timeout=entry_timeout,
+        dir_entry_timeout=dir_entry_timeout,
+        enable_xattr=not no_xattr,
+        read_only=read_only,
+        heartbeat_s=heartbeat,
+        gc_interval_s=gc_interval,
+        fuse_options=options,
+    )
+
+
+def child_args(meta_url: str, mountpoint: str, opts: MountOptions, ready_fd: int) -> list[str]:
+    """The foreground command the background mount runs, with every option spelled out."""
+    args = [sys.executable, "-m", "loftfs.cli.main"]
+    if debug_enabled():
+        args.append("--verbose")
+    args += [
+        "mount",
+        meta_url,
+        os.path.abspath(mountpoint),
+        "--buffer-size",
+        str(opts.buffer_size),
+        "--upload-threads",
+        str(opts.upload_threads),
+        "--fetch-threads",
+        str(opts.fetch_threads),
+        "--readahead-blocks",
+        str(opts.readahead_blocks),
+        "--attr-timeout",
+        repr(opts.attr_timeout),
+        "--entry-timeout",
+        repr(opts.entry_timeout),
+        "--dir-entry-timeout",
+        repr(opts.dir_entry_timeout),
+        "--heartbeat",
+        repr(opts.heartbeat_s),
+        "--gc-interval",
+        repr(opts.gc_interval_s),
+        "--ready-fd",
+        str(ready_fd),
+    ]
+    if not opts.enable_xattr:
+        args.append("--no-xattr")
+    if opts.read_only:
+        args.append("--read-only")
+    if opts.fuse_options:
+        args += ["-o", ",".join(opts.fuse_options)]
+    return args
+
+
+def _last_log_line(log_path: str) -> str:
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    return lines[-1] if lines else ""
+
+
+def _read_status(fd: int, deadline: float) -> bytes | None:
+    """The child's one status line, ``b""`` if it closed the pipe without one, ``None`` on
+    timeout."""
+    data = b""
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return data.strip()
+        data += chunk
+    return data.split(b"\n", 1)[0].strip()
+
+
+def _stop(child: subprocess.Popen[bytes], mountpoint: str) -> bool:
+    """Stop a child that failed to become ready: SIGTERM (it unmounts cleanly on it), then
+    SIGKILL, then detach whatever mount it left. True if the child is gone afterwards."""
+    gone = False
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(sig)
+        try:
+            child.wait(wait_s)
+            gone = True
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    from loftfs.fuse.mount import find_mount_root
+
+    real = os.path.realpath(mountpoint)
+    if find_mount_root(real) == real:
+        # run_mount refuses a mountpoint in use, so a loftfs mount here is the child's
+        subprocess.run(
+            ["fusermount3", "-uz", real], capture_output=True, check=False, stdin=subprocess.DEVNULL
+        )
+    return gone
+
+
+def mount_in_background(
+    meta_url: str, mountpoint: str, opts: MountOptions, log_path: str, ready_timeout: float
+) -> int:
+    """Start the mount as a detached child; return its pid once the mount answers."""
+    log_path = os.path.abspath(log_path)
+    try:
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+    except OSError as e:
+        raise ConfigError(f"cannot write the log file {log_path}: {e.strerror}") from e
+    read_fd, write_fd = os.pipe()
+    try:
+        with log_file:
+            child = subprocess.Popen(
+                child_args(meta_url, mountpoint, opts, write_fd),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                pass_fds=(write_fd,),
+                start_new_session=True,  # the caller's cwd is kept: URLs may be relative
+                close_fds=True,
+            )
+        os.close(write_fd)
+        write_fd = -1
+        try:
+            status = _read_status(read_fd, time.monotonic() + ready_timeout)
+        except BaseException:
+            _stop(child, mountpoint)
+            raise
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+
+    if status == READY:
+        return child.pid
+    if status is None:
+        gone = _stop(child, mountpoint)
+        raise LoftError(
+            f"the mount was not ready after {ready_timeout:.0f}s; "
+            + ("its process was stopped" if gone else f"its process (pid {child.pid}) is stuck")
+            + f" (log: {log_path})"
+        )
+    if status.startswith(ERROR_PREFIX):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(10)
+        raise LoftError(status[len(ERROR_PREFIX) :].decode(errors="replace"))
+    try:
+        code: int | None = child.wait(10)
+    except subprocess.TimeoutExpired:
+        code = None
+    hint = _last_log_line(log_path)
+    raise LoftError(
+        f"the mount process exited (code {code}) before the mount was ready"
+        + (f": {hint}" if hint else "")
+        + f" (log: {log_path})"
+    )
+
+
+class ReadyPipe:
+    """The child's end of the status pipe: one line, then closed."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def send(self, line: bytes) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.write(fd, line + b"\n")
+        except OSError:
+            pass  # the parent gave up waiting; the log has the story
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def run_foreground(
+    meta_url: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
+) -> None:
+    """Serve the mount in this process; tell the waiting parent (if any) how it went."""
+    from loftfs.fuse.mount import run_mount
+
+    pipe = ReadyPipe(ready_fd)
+
+    def on_ready() -> None:
+        pipe.send(READY)
+
+    try:
+        run_mount(meta_url, mountpoint, opts, on_ready=on_ready)
+    except LoftError as e:
+        pipe.send(ERROR_PREFIX + one_line(str(e)).encode())
+        raise
+    except BaseException as e:
+        pipe.send(ERROR_PREFIX + one_line(f"unexpected {type(e).__name__}: {e}").encode())
+        raise
+    pipe.send(ERROR_PREFIX + b"the mount process stopped before the mount was ready")
+
+
+def mount_cmd(
+    meta_url: Annotated[
+        str, typer.Argument(metavar="META_URL", help="Metadata engine URL of the volume")
+    ],
+    mountpoint: Annotated[
+        str, typer.Argument(metavar="MOUNTPOINT", help="An existing directory to mount on")
+    ],
+    background: Annotated[
+        bool, typer.Option("--background", "-d", help="Run in the background once mounted")
+    ] = False,
+    buffer_size: Annotated[
+        str, typer.Option("--buffer-size", help="Memory for file data being read or written")
+    ] = size_text(_DEFAULTS.buffer_size),
+    upload_threads: Annotated[
+        int, typer.Option("--upload-threads", help="Concurrent block uploads")
+    ] = _DEFAULTS.upload_threads,
+    fetch_threads: Annotated[
+        int, typer.Option("--fetch-threads", help="Concurrent block downloads")
+    ] = _DEFAULTS.fetch_threads,
+    readahead_blocks: Annotated[
+        int, typer.Option("--readahead-blocks", help="Blocks read ahead on sequential reads")
+    ] = _DEFAULTS.readahead_blocks,
+    attr_timeout: Annotated[
+        float, typer.Option("--attr-timeout", help="Kernel attribute cache, seconds")
+    ] = _DEFAULTS.attr_timeout,
+    entry_timeout: Annotated[
+        float, typer.Option("--entry-timeout", help="Kernel name cache, seconds")
+    ] = _DEFAULTS.entry_timeout,
+    dir_entry_timeout: Annotated[
+        float, typer.Option("--dir-entry-timeout", help="Kernel name cache for directories")
+    ] = _DEFAULTS.dir_entry_timeout,
+    no_xattr: Annotated[
+        bool, typer.Option("--no-xattr", help="Disable extended attributes (faster writes)")
+    ] = False,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Mount read-only")] = False,
+    heartbeat: Annotated[
+        float, typer.Option("--heartbeat", help="Session heartbeat interval, seconds")
+    ] = _DEFAULTS.heartbeat_s,
+    gc_interval: Annotated[
+        float,
+        typer.Option("--gc-interval", help="Seconds between deletions of unused blocks (0: off)"),
+    ] = _DEFAULTS.gc_interval_s,
+    fuse_options: Annotated[
+        list[str] | None,
+        typer.Option("-o", help="FUSE mount options, comma separated (e.g. allow_other)"),
+    ] = None,
+    log: Annotated[
+        str | None,
+        typer.Option(
+            "--log",
+            help="Log file (default: stderr; with -d /var/log/loftfs/<mountpoint>.log)",
+        ),
+    ] = None,
+    ready_timeout: Annotated[
+        float, typer.Option("--ready-timeout", help="With -d: seconds to wait for the mount")
+    ] = 60.0,
+    ready_fd: Annotated[int | None, typer.Option("--ready-fd", hidden=True)] = None,
+) -> None:
+    """Mount a volume. Runs until unmounted ('loft umount'); with -d, in the background."""
+    opts = build_options(
+        buffer_size=buffer_size,
+        upload_threads=upload_threads,
+        fetch_threads=fetch_threads,
+        readahead_blocks=readahead_blocks,
+        attr_timeout=attr_timeout,
+        entry_timeout=entry_timeout,
+        dir_entry_timeout=dir_entry_timeout,
+        no_xattr=no_xattr,
+        read_only=read_only,
+        heartbeat=heartbeat,
+        gc_interval=gc_interval,
+        fuse_options=fuse_options or [],
+    )
+    meta_url = absolute_meta_url(meta_url)
+    if background:
+        if ready_timeout <= 0:
+            raise ConfigError(f"--ready-timeout must be more than 0, not {ready_timeout}")
+        log_path = log or default_log_path(mountpoint)
+        pid = mount_in_background(meta_url, mountpoint, opts, log_path, ready_timeout)
+        say(
+            f"Mounted at {os.path.abspath(mountpoint)} (pid {pid}, log {os.path.abspath(log_path)})"
+        )
+        return
+    setup_logging(log)
+    run_foreground(meta_url, mountpoint, opts, ready_fd)
