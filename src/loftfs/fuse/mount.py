@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from loftfs.chunk.datapath import DataPath
 from loftfs.errors import ConfigError
 from loftfs.fuse.adapter import FuseOperations, mount_options
 from loftfs.meta import open_meta
+from loftfs.meta.base import process_identity
 from loftfs.object import open_volume_storage
 from loftfs.vfs.options import MountOptions
 from loftfs.vfs.vfs import VFS
@@ -161,12 +161,7 @@ def run_mount(
     vfs = VFS(meta, data, settings, opts)
     ops = FuseOperations(vfs, opts)
     meta.new_session(
-        {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "mountpoint": real,
-            "version": _version(),
-        },
+        {**process_identity(), "mountpoint": real, "version": _version()},
         heartbeat_s=opts.heartbeat_s,
     )
     record: Path | None = None

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 
 from loftfs.errors import ConfigError, VolumeExists
 from loftfs.meta.core import DIR_SIZE, Acct, now_ns
@@ -184,14 +186,14 @@ class BaseMeta(NamespaceOps, DataOps, ExtOps):
         stale = [
             r.sid
             for r in self._read(lambda tx: tx.list_sessions())
-            if r.heartbeat_ns < cutoff and r.sid != own
+            if r.sid != own and (r.heartbeat_ns < cutoff or _process_gone(r.info))
         ]
         removed = 0
         for sid in stale:
 
             def fn(tx: Txn, acct: Acct, sid: int = sid) -> bool:
                 rec = tx.get_session(sid)
-                if rec is None or rec.heartbeat_ns >= cutoff:
+                if rec is None or (rec.heartbeat_ns >= cutoff and not _process_gone(rec.info)):
                     return False  # cleaned by someone else, or alive again
                 self._finish_session(tx, acct, sid, now_ns())
                 return True
@@ -200,3 +202,36 @@ class BaseMeta(NamespaceOps, DataOps, ExtOps):
                 removed += 1
                 log.info("removed stale metadata session %d", sid)
         return removed
+
+
+def process_identity() -> dict:
+    """What identifies this process on this machine: a session that carries it is known dead
+    at once when the process is gone, instead of after the heartbeat timeout."""
+    ident: dict = {"host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        ident["pidns"] = os.readlink("/proc/self/ns/pid")
+        with open("/proc/self/stat") as f:
+            ident["start"] = int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        pass
+    return ident
+
+
+def _process_gone(info_text: str | None) -> bool:
+    """True when the session's process ran on this machine, in this pid namespace, and has
+    exited (a reused pid is told apart by its start time)."""
+    try:
+        info = json.loads(info_text or "{}")
+    except ValueError:
+        return False
+    if not isinstance(info, dict) or "start" not in info or "pidns" not in info:
+        return False
+    mine = process_identity()
+    if info.get("host") != mine["host"] or info.get("pidns") != mine.get("pidns"):
+        return False
+    try:
+        with open(f"/proc/{int(info['pid'])}/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError, TypeError):
+        return True
+    return start != info["start"]
