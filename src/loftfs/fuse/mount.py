@@ -166,6 +166,13 @@ def run_mount(
     )
     record: Path | None = None
     mounted = False
+    # From here on a signal never kills the process outright: before the loop runs it is
+    # remembered and served as soon as the loop starts, during shutdown it is logged, so the
+    # commit of buffered data is never cut short (a second SIGTERM is common: timeout(1),
+    # systemd and pkill all send their own).
+    _signals_seen.clear()
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _remember_signal)
     try:
         data.start()
         pyfuse3.init(ops, real, mount_options(settings.name, opts))
@@ -176,9 +183,6 @@ def run_mount(
         log.info("volume %s (%s) mounted at %s", settings.name, settings.uuid, real)
         trio.run(_serve, real, opts, on_ready)
     finally:
-        # A second signal during shutdown must not cut the commit of buffered data short.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, _already_unmounting)
         if mounted:
             # After a signal the kernel mount is still there: take it down so that nothing
             # blocks on a dead process. After an external umount this is a no-op.
@@ -197,8 +201,14 @@ def run_mount(
         log.info("volume %s unmounted from %s", settings.name, real)
 
 
-def _already_unmounting(signum: int, frame: object) -> None:
-    log.warning("signal %s: already unmounting, committing buffered data", signum)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_signals_seen: list[int] = []
+
+
+def _remember_signal(signum: int, frame: object) -> None:
+    if _signals_seen:
+        log.warning("signal %s: already unmounting, committing buffered data", signum)
+    _signals_seen.append(signum)
 
 
 async def _serve(mountpoint: str, opts: MountOptions, on_ready: Callable[[], None] | None) -> None:
@@ -219,12 +229,14 @@ async def _announce_ready(mountpoint: str, on_ready: Callable[[], None] | None) 
 
 
 async def _watch_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("signal %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            scope.cancel()
-            return
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        if not _signals_seen:  # a signal that came before the loop ran is served at once
+            async for signum in signals:
+                _signals_seen.append(signum)
+                break
+        log.info("signal %s: unmounting", signal.Signals(_signals_seen[0]).name)
+        pyfuse3.terminate()
+        scope.cancel()
 
 
 def _version() -> str:
