@@ -126,20 +126,27 @@ class FuseOperations(pyfuse3.Operations):
             kw["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             kw["mtime_ns"] = attr.st_mtime_ns
-        if ("atime_ns" in kw or "mtime_ns" in kw) and ctx.uid != 0:
-            # pyfuse3 turns UTIME_NOW into an explicit time. With default_permissions the kernel
-            # lets a non-owner set times only to "now" (with write permission), so a non-owner's
-            # request here is always a "now" request: say so, or the owner check refuses it.
-            owner = (await self._run(self.vfs.getattr, inode)).uid
-            if owner != ctx.uid:
+        caller = _ctx(ctx)
+        if ("atime_ns" in kw or "mtime_ns" in kw or "mode" in kw) and ctx.uid != 0:
+            current = await self._run(self.vfs.getattr, inode)
+            if current.uid != ctx.uid:
+                # The kernel (default_permissions) has already checked this request, and lets a
+                # non-owner through in two cases only, which the metadata layer's owner check
+                # would refuse: times set to "now" with write permission (pyfuse3 turns
+                # UTIME_NOW into an explicit time), and the removal of setuid/setgid that a
+                # write by a non-owner triggers (kill-priv).
                 for key in ("atime_ns", "mtime_ns"):
                     if key in kw:
                         kw[key] = NOW
+                if kw.get("mode") == current.mode & ~(stat.S_ISUID | stat.S_ISGID):
+                    await self._run(self.vfs.setattr, Ctx(), inode, fh, mode=kw.pop("mode"))
         if fields.update_ctime:
             kw["ctime_ns"] = attr.st_ctime_ns
         elif kw and "size" not in kw:
             kw.setdefault("ctime_ns", NOW)
-        result = await self._run(self.vfs.setattr, _ctx(ctx), inode, fh, **kw)
+        if not kw:
+            return self._entry(await self._run(self.vfs.getattr, inode))
+        result = await self._run(self.vfs.setattr, caller, inode, fh, **kw)
         return self._entry(result)
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
