@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BLOCK_UNIT = 4096  # st_blksize / statfs block unit reported to the kernel
+REPORTED_MAX = 100_000
 
 
 def _ctx(ctx: pyfuse3.RequestContext | None) -> Ctx:
@@ -50,6 +52,10 @@ class FuseOperations(pyfuse3.Operations):
         self.vfs = vfs
         self.opts = opts
         self.limiter = trio.CapacityLimiter(max(4, opts.max_fuse_tasks))
+        # (mtime_ns, size) of each file as last reported to the kernel, which caches it for
+        # attr_timeout. An open that finds the file changed (by another client) invalidates that
+        # cache, or the kernel would read with the old size (close-to-open). Bounded.
+        self._reported: OrderedDict[int, tuple[int, int]] = OrderedDict()
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -69,7 +75,19 @@ class FuseOperations(pyfuse3.Operations):
             log.exception("unexpected error in %s", getattr(fn, "__name__", fn))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    def _report(self, attr: Attr) -> bool:
+        """Remember what the kernel is told of a file; True if it had been told otherwise."""
+        now = (attr.mtime_ns, attr.size)
+        before = self._reported.get(attr.inode)
+        self._reported[attr.inode] = now
+        self._reported.move_to_end(attr.inode)
+        if len(self._reported) > REPORTED_MAX:
+            self._reported.popitem(last=False)
+        return before is not None and before != now
+
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        if attr.type == FileType.FILE:
+            self._report(attr)
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.inode
         e.generation = 0
@@ -232,7 +250,12 @@ class FuseOperations(pyfuse3.Operations):
     # --- files -----------------------------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fh, keep, _ = await self._run(self.vfs.open, _ctx(ctx), inode, flags)
+        fh, keep, attr = await self._run(self.vfs.open, _ctx(ctx), inode, flags)
+        if self._report(attr):
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            except OSError as e:  # the kernel may have forgotten the inode already
+                log.debug("invalidating attributes of inode %d: %s", inode, e)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
 
     async def create(
