@@ -39,7 +39,10 @@ class DataPath:
         self.opts = opts
         self.block_size = settings.block_size
         self.budget = MemoryBudget(opts.buffer_size)
-        self.cache = MemBlockCache(self.budget, opts.buffer_size)
+        # The kernel's page cache already keeps what was read; this cache only needs to hold
+        # the blocks being read and read ahead, and a working set for random access. A quarter
+        # of the budget leaves the rest to write buffers and keeps the resident size small.
+        self.cache = MemBlockCache(self.budget, max(opts.buffer_size // 4, self.block_size))
         self.slices = SliceCache()
         self.upload_pool = WorkerPool("loft-upload", opts.upload_threads)
         self.fetch_pool = WorkerPool("loft-fetch", opts.fetch_threads)
