@@ -69,6 +69,10 @@ class FileObjectStore(ObjectStore):
             os.makedirs(self.root, exist_ok=True)
         except FileExistsError:
             raise ObjectStoreError(f"{self.root} exists and is not a directory") from None
+        except NotADirectoryError:
+            raise ObjectStoreError(
+                f"cannot create {self.root}: a component of the path is not a directory"
+            ) from None
         except OSError as e:
             raise self._error(e, "create", "") from e
         if not os.path.isdir(self.root):
