@@ -11,3 +11,8 @@ echo "test: mypy"
 .venv/bin/mypy
 echo "test: pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"
+if [ $# -eq 0 ]; then
+    # The mount-level suite once more through the second FUSE binding.
+    echo "test: pytest tests/mount with LOFT_FUSE_BINDING=pyfuse3"
+    LOFT_FUSE_BINDING=pyfuse3 .venv/bin/pytest -q -p no:cacheprovider -m "not slow" tests/mount
+fi

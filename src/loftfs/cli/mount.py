@@ -27,7 +27,7 @@ from loftfs.cli.common import (
 )
 from loftfs.errors import ConfigError, LoftError
 from loftfs.utils import parse_size
-from loftfs.vfs.options import MountOptions
+from loftfs.vfs.options import FUSE_BINDINGS, MountOptions
 
 _DEFAULTS = MountOptions()
 READY = b"ready"
@@ -75,6 +75,7 @@ def build_options(
     heartbeat: float,
     gc_interval: float,
     fuse_options: list[str],
+    fuse_binding: str = _DEFAULTS.fuse_binding,
 ) -> MountOptions:
     """Validated ``MountOptions`` from command-line values."""
     buffer = parse_size(buffer_size)
@@ -95,6 +96,10 @@ def build_options(
             raise ConfigError(f"{flag} must be 0 or more, not {seconds}")
     if heartbeat <= 0:
         raise ConfigError(f"--heartbeat must be more than 0, not {heartbeat}")
+    if fuse_binding not in FUSE_BINDINGS:
+        raise ConfigError(
+            f"--fuse-binding must be one of {', '.join(FUSE_BINDINGS)}, not {fuse_binding!r}"
+        )
     options: list[str] = []
     for group in fuse_options:
         for opt in group.split(","):
@@ -116,6 +121,7 @@ def build_options(
         heartbeat_s=heartbeat,
         gc_interval_s=gc_interval,
         fuse_options=options,
+        fuse_binding=fuse_binding,
     )
 
 
@@ -146,6 +152,8 @@ def child_args(meta_url: str, mountpoint: str, opts: MountOptions, ready_fd: int
         repr(opts.heartbeat_s),
         "--gc-interval",
         repr(opts.gc_interval_s),
+        "--fuse-binding",
+        opts.fuse_binding,
         "--ready-fd",
         str(ready_fd),
     ]
@@ -358,6 +366,14 @@ def mount_cmd(
         list[str] | None,
         typer.Option("-o", help="FUSE mount options, comma separated (e.g. allow_other)"),
     ] = None,
+    fuse_binding: Annotated[
+        str,
+        typer.Option(
+            "--fuse-binding",
+            envvar="LOFT_FUSE_BINDING",
+            help="FUSE binding: lowlevel (libfuse3, all operations) or pyfuse3",
+        ),
+    ] = _DEFAULTS.fuse_binding,
     log: Annotated[
         str | None,
         typer.Option(
@@ -384,6 +400,7 @@ def mount_cmd(
         heartbeat=heartbeat,
         gc_interval=gc_interval,
         fuse_options=fuse_options or [],
+        fuse_binding=fuse_binding,
     )
     meta_url = absolute_meta_url(meta_url)
     if background:

@@ -30,7 +30,7 @@ from loftfs.fuse.adapter import FuseOperations, mount_options
 from loftfs.meta import open_meta
 from loftfs.meta.base import process_identity
 from loftfs.object import open_volume_storage
-from loftfs.vfs.options import MountOptions
+from loftfs.vfs.options import FUSE_BINDINGS, MountOptions
 from loftfs.vfs.vfs import VFS
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,10 @@ def run_mount(
     Bad input raises ``LoftError`` subclasses before anything is mounted. SIGTERM, SIGINT and
     SIGHUP unmount cleanly: buffered data is committed, the session is closed.
     """
+    if opts.fuse_binding not in FUSE_BINDINGS:
+        raise ConfigError(
+            f"unknown FUSE binding {opts.fuse_binding!r} (choose from {', '.join(FUSE_BINDINGS)})"
+        )
     real = _check_mountpoint(mountpoint)
     _tune_malloc()
     meta = open_meta(meta_url)
@@ -177,7 +181,6 @@ def run_mount(
         meta.session_timeout_s = opts.session_timeout_s
     data = DataPath(meta, store, settings, opts)
     vfs = VFS(meta, data, settings, opts)
-    ops = FuseOperations(vfs, opts)
     meta.new_session(
         {**process_identity(), "mountpoint": real, "version": _version()},
         heartbeat_s=opts.heartbeat_s,
@@ -191,15 +194,46 @@ def run_mount(
     _signals_seen.clear()
     for sig in _STOP_SIGNALS:
         signal.signal(sig, _remember_signal)
-    try:
-        data.start()
-        pyfuse3.init(ops, real, mount_options(settings.name, opts))
-        mounted = True
+
+    def announce_mounted() -> None:
+        nonlocal record
         record = _write_record(
             MountRecord(os.getpid(), meta_url, real, settings.name, settings.uuid)
         )
-        log.info("volume %s (%s) mounted at %s", settings.name, settings.uuid, real)
-        trio.run(_serve, real, opts, on_ready)
+        log.info(
+            "volume %s (%s) mounted at %s (%s binding)",
+            settings.name,
+            settings.uuid,
+            real,
+            opts.fuse_binding,
+        )
+
+    try:
+        data.start()
+        options = mount_options(settings.name, opts)
+        if opts.fuse_binding == "lowlevel":
+            from loftfs.fuse.lowlevel import serve_lowlevel
+
+            def ready() -> None:
+                _raise_read_ahead(real)
+                if on_ready is not None:
+                    on_ready()
+
+            # Unmounts by itself before it returns, whatever ended it.
+            serve_lowlevel(
+                vfs,
+                opts,
+                real,
+                options,
+                ready,
+                on_mounted=announce_mounted,
+                signals_seen=_signals_seen,
+            )
+        else:
+            pyfuse3.init(FuseOperations(vfs, opts), real, options)
+            mounted = True
+            announce_mounted()
+            trio.run(_serve, real, opts, on_ready)
     finally:
         if mounted:
             # After a signal the kernel mount is still there: take it down so that nothing

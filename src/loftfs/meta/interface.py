@@ -229,7 +229,8 @@ class Meta(ABC):
     @abstractmethod
     def removexattr(self, ctx: Ctx, inode: int, name: bytes) -> None: ...
 
-    # --- locks (owners are per session: two clients never share an owner) ----------------------
+    # --- locks (owners are per session: two clients never share an owner; an owner is a
+    # signed 64-bit integer, bindings map the kernel's unsigned lock owners into that range) ----
 
     @abstractmethod
     def flock(self, ctx: Ctx, inode: int, owner: int, ltype: int, block: bool) -> None:

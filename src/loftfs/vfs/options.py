@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+FUSE_BINDINGS = ("lowlevel", "pyfuse3")
+
 
 @dataclass
 class MountOptions:
@@ -21,4 +23,8 @@ class MountOptions:
     gc_interval_s: float = 30.0  # background deletion of unreferenced blocks; 0 disables
     compact_threshold: int = 32  # slices per chunk that trigger background compaction
     fuse_options: list[str] = field(default_factory=list)  # -o options passed to the kernel
-    max_fuse_tasks: int = 64  # concurrent FUSE requests in flight
+    max_fuse_tasks: int = 64  # concurrent FUSE requests in flight (loop threads / trio tasks)
+    # "lowlevel": libfuse3's low-level API through ctypes (fuse/lowlevel.py): every operation,
+    # locks across mounts included; "pyfuse3": the pyfuse3 binding (no lock, fallocate or
+    # copy_file_range handlers). See docs/ARCHITECTURE.md for the measurements behind the default.
+    fuse_binding: str = "lowlevel"
