@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import stat
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import pyfuse3
 import trio
 
 from loftfs.errors import FSError, LoftError
+from loftfs.fuse.common import BLOCK_UNIT, fill_statvfs
 from loftfs.meta.types import NOW, Attr, Ctx, FileType
 from loftfs.vfs.options import MountOptions
 from loftfs.vfs.vfs import VFS
@@ -28,7 +28,6 @@ from loftfs.vfs.vfs import VFS
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-BLOCK_UNIT = 4096  # st_blksize / statfs block unit reported to the kernel
 REPORTED_MAX = 100_000
 
 
@@ -178,17 +177,7 @@ class FuseOperations(pyfuse3.Operations):
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         st = await self._run(self.vfs.statfs, _ctx(ctx))
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = BLOCK_UNIT
-        s.f_frsize = BLOCK_UNIT
-        s.f_blocks = st.total_bytes // BLOCK_UNIT
-        s.f_bfree = st.avail_bytes // BLOCK_UNIT
-        s.f_bavail = st.avail_bytes // BLOCK_UNIT
-        s.f_files = st.used_inodes + st.avail_inodes
-        s.f_ffree = st.avail_inodes
-        s.f_favail = st.avail_inodes
-        s.f_namemax = 255
-        return s
+        return fill_statvfs(pyfuse3.StatvfsData(), st)
 
     # --- namespace -------------------------------------------------------------------------------
 
@@ -321,15 +310,3 @@ class FuseOperations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._xattrs_enabled()
         await self._run(self.vfs.removexattr, _ctx(ctx), inode, name)
-
-
-def mount_options(name: str, opts: MountOptions) -> set[str]:
-    """Kernel mount options: pyfuse3's defaults (default_permissions) plus ours."""
-    options = set(pyfuse3.default_options)
-    options |= {f"fsname=loftfs:{name}", "subtype=loftfs"}
-    if os.geteuid() == 0:
-        options.add("allow_other")  # a shared volume: every local user, checked by mode bits
-    if opts.read_only:
-        options.add("ro")
-    options |= set(opts.fuse_options)
-    return options

@@ -22,6 +22,7 @@ from typing import Any
 
 from loftfs.errors import FSError, LoftError
 from loftfs.fuse import ll_abi as abi
+from loftfs.fuse.common import BLOCK_UNIT, fill_statvfs
 from loftfs.fuse.ll_locks import LockWaiters
 from loftfs.fuse.ll_threads import ThreadStates
 from loftfs.meta.types import F_RDLCK, F_UNLCK, F_WRLCK, LOCK_EOF, NOW, Attr, Ctx, FileType
@@ -30,7 +31,6 @@ from loftfs.vfs.vfs import VFS
 
 log = logging.getLogger(__name__)
 
-BLOCK_UNIT = 4096  # st_blksize / statfs block unit reported to the kernel
 MAX_WRITE = 1 << 20  # largest write request (256 pages; libfuse's own buffer limit)
 MAX_BACKGROUND = 64  # kernel's async requests (readahead, async direct I/O) in flight
 MAX_COPY = 1 << 30  # copy_file_range answers at most this many bytes per request
@@ -399,17 +399,7 @@ class LowLevelOperations:
         self._ok(req)
 
     def statfs(self, req: int, ino: int) -> None:
-        st = self.vfs.statfs(self._ctx(req))
-        s = abi.StatVFS()
-        s.f_bsize = BLOCK_UNIT
-        s.f_frsize = BLOCK_UNIT
-        s.f_blocks = st.total_bytes // BLOCK_UNIT
-        s.f_bfree = st.avail_bytes // BLOCK_UNIT
-        s.f_bavail = st.avail_bytes // BLOCK_UNIT
-        s.f_files = st.used_inodes + st.avail_inodes
-        s.f_ffree = st.avail_inodes
-        s.f_favail = st.avail_inodes
-        s.f_namemax = 255
+        s = fill_statvfs(abi.StatVFS(), self.vfs.statfs(self._ctx(req)))
         self.lib.fuse_reply_statfs(req, ctypes.byref(s))
 
     # --- namespace -------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ import trio
 
 from loftfs.chunk.datapath import DataPath
 from loftfs.errors import ConfigError
-from loftfs.fuse.adapter import FuseOperations, mount_options
+from loftfs.fuse.adapter import FuseOperations
+from loftfs.fuse.common import mount_options
 from loftfs.meta import open_meta
 from loftfs.meta.base import process_identity
 from loftfs.object import open_volume_storage
