@@ -6,6 +6,7 @@ Imported by this folder's conftest and tests (the folder is on ``sys.path`` unde
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pickle
 import shutil
@@ -26,6 +27,36 @@ MIB = 1 << 20
 MOUNT_TIMEOUT_S = 60
 UMOUNT_TIMEOUT_S = 120
 NOBODY = 65534
+#: Log lines of a mount process that reveal a bug: a handler's unexpected exception (answered
+#: with EIO) or a crash of the interpreter.
+BUG_MARKERS = ("unexpected error", "Fatal Python error")
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)`` itself: glibc's posix_fallocate would hide EOPNOTSUPP by writing zeros."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def fuse_binding() -> str:
+    """The FUSE binding ``loft mount`` uses in this run (CI runs this folder with each)."""
+    return os.environ.get("LOFT_FUSE_BINDING") or "lowlevel"
+
+
+def lowlevel_only(why: str) -> pytest.MarkDecorator:
+    """Skip a test under the pyfuse3 binding: ``why`` names what only the low-level one does."""
+    return pytest.mark.skipif(
+        fuse_binding() == "pyfuse3", reason=f"the pyfuse3 binding does not {why}"
+    )
 
 
 def fuse_unavailable() -> str | None:
@@ -70,6 +101,10 @@ class Volume:
     @property
     def meta_url(self) -> str:
         return f"sqlite3://{self.meta_db}"
+
+    def block_files(self) -> list[Path]:
+        """The data blocks in the bucket."""
+        return [p for p in self.bucket.rglob("*") if p.is_file() and "/chunks/" in str(p)]
 
 
 def make_volume(root: Path, *, name: str = "testvol", block_size: int = MIB, **opts: str) -> Volume:
@@ -163,11 +198,26 @@ class Mount:
     def alive(self) -> bool:
         return pid_alive(self.pid) and is_mounted(self.path)
 
-    def log_tail(self, n: int = 60) -> str:
+    def log_text(self) -> str:
         try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+            return self.log.read_text(errors="replace")
         except OSError:
-            return "(no log)"
+            return ""
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:]) or "(no log)"
+
+    def bug_lines(self) -> list[str]:
+        return [
+            line for line in self.log_text().splitlines() if any(m in line for m in BUG_MARKERS)
+        ]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> bool:
+        """Stop the mount process with ``sig``; True when it ended and left nothing mounted."""
+        self.expected_dead = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+        return wait_until(lambda: not pid_alive(self.pid) and not is_mounted(self.path), timeout)
 
     def umount(self) -> None:
         """Unmount with ``loft umount`` and check that the mount process is gone afterwards."""
@@ -271,7 +321,8 @@ class Mounter:
             mount.kill_all()
 
     def cleanup(self) -> list[str]:
-        """Unmount everything; return a message for each mount whose process died unexpectedly."""
+        """Unmount everything; return a message for each mount whose process died unexpectedly
+        or logged a bug (see ``BUG_MARKERS``)."""
         crashed = []
         for mount in reversed(self.mounts):
             if mount.hung:
@@ -285,6 +336,9 @@ class Mounter:
                     f"{mount.log_tail()}"
                 )
             mount.force_cleanup()
+            bugs = mount.bug_lines()
+            if bugs:
+                crashed.append(f"the mount of {mount.path} logged bugs:\n" + "\n".join(bugs[:20]))
         for mount in self.mounts:
             with contextlib.suppress(OSError):
                 mount.path.rmdir()

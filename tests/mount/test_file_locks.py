@@ -5,71 +5,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-HOLDER = r"""
-import fcntl, os, sys
-kind, path = sys.argv[1], sys.argv[2]
-fd = os.open(path, os.O_RDWR)
-if kind == "flock":
-    fcntl.flock(fd, fcntl.LOCK_EX)
-elif kind == "flock_sh":
-    fcntl.flock(fd, fcntl.LOCK_SH)
-else:  # a POSIX write lock on bytes [0, 100)
-    fcntl.lockf(fd, fcntl.LOCK_EX, 100, 0)
-print("locked", flush=True)
-sys.stdin.readline()
-os.close(fd)
-"""
-
-
-class LockHolder:
-    """Another process that takes a lock of ``kind`` on ``path`` and keeps it until released."""
-
-    def __init__(self, kind: str, path: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, kind, str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == "locked"
-
-    def release(self) -> None:
-        """Tell the holder to close its file (dropping the lock) and exit."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
-
-
-@contextmanager
-def lock_held_by_other_process(kind: str, path: Path) -> Iterator[LockHolder]:
-    """Another process holds a lock of ``kind`` on ``path`` until the block ends."""
-    holder = LockHolder(kind, path)
-    try:
-        yield holder
-        if holder.proc.poll() is None:
-            holder.release()
-            assert holder.proc.wait(timeout=30) == 0
-    finally:
-        holder.stop()
+from lockprocs import LockHolder, lock_held_by_other_process
 
 
 def test_flock_contention(workdir: Path) -> None:

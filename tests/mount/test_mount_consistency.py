@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -206,63 +205,6 @@ def test_two_mounts_unlink_while_open_elsewhere(mounter: Mounter, volume: Volume
         assert wait_until(lambda: not (b.path / "f").exists(), CACHE_EXPIRY_S)
         assert held.read() == data  # b still holds it open: the data must stay readable
     assert os.listdir(a.path) == []
-
-
-@pytest.mark.xfail(
-    os.environ.get("LOFT_FUSE_BINDING") == "pyfuse3",
-    strict=True,
-    reason="docs/SEMANTICS.md: with the pyfuse3 binding locks are not shared between mounts "
-    "(it has no lock handlers, so the kernel arbitrates them per mount)",
-)
-def test_locks_across_mounts(mounter: Mounter, volume: Volume) -> None:
-    """A POSIX lock taken through one mount is seen by a process on another mount."""
-    a = mounter.mount(volume)
-    b = mounter.mount(volume)
-    (a.path / "lock").write_bytes(b"x")
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl,os,sys\n"
-            "fd=os.open(sys.argv[1], os.O_RDWR)\n"
-            "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
-            "print('locked', flush=True)\n"
-            "sys.stdin.readline()\n",
-            str(a.path / "lock"),
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        fd = os.open(b.path / "lock", os.O_RDWR)
-        try:
-            with pytest.raises(OSError):
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            assert holder.stdin is not None
-            holder.stdin.write("\n")
-            holder.stdin.flush()
-            assert holder.wait(timeout=30) == 0
-            assert wait_until(lambda: _try_lock(fd), 10)
-        finally:
-            os.close(fd)
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-        holder.wait()
-        for pipe in (holder.stdin, holder.stdout):
-            if pipe is not None:
-                pipe.close()
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    fcntl.lockf(fd, fcntl.LOCK_UN)
-    return True
 
 
 WRITER = r"""

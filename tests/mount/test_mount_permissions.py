@@ -160,8 +160,9 @@ def test_umask_applies_to_create(workdir: Path) -> None:
 
 
 def test_write_by_non_owner_clears_setuid_and_setgid(workdir: Path) -> None:
-    """Linux drops S_ISUID (and S_ISGID with group exec) when someone else writes the file."""
-    for mode in (0o4777, 0o2777, 0o6777):
+    """Linux drops S_ISUID (and S_ISGID with group exec) when someone else writes the file;
+    S_ISGID without group exec (mandatory locking) stays."""
+    for mode, expected in ((0o4777, 0o777), (0o2777, 0o777), (0o6777, 0o777), (0o2767, 0o2767)):
         f = workdir / f"suid-{mode:o}"
         f.write_bytes(b"")
         f.chmod(mode)
@@ -174,6 +175,6 @@ def test_write_by_non_owner_clears_setuid_and_setgid(workdir: Path) -> None:
             finally:
                 os.close(fd)
 
-        assert run_as(NOBODY, NOBODY, write) == 0o777
-        assert stat.S_IMODE(os.stat(f).st_mode) == 0o777
+        assert run_as(NOBODY, NOBODY, write) == expected
+        assert stat.S_IMODE(os.stat(f).st_mode) == expected
         assert f.read_bytes() == b"x"

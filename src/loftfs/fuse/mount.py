@@ -231,7 +231,12 @@ def run_mount(
                 signals_seen=_signals_seen,
             )
         else:
-            pyfuse3.init(FuseOperations(vfs, opts), real, options)
+            try:
+                pyfuse3.init(FuseOperations(vfs, opts), real, options)
+            except RuntimeError as e:  # libfuse rejected an option or could not mount
+                raise ConfigError(
+                    f"libfuse refused the mount options {', '.join(sorted(options))} ({e}); see the log"
+                ) from None
             mounted = True
             announce_mounted()
             trio.run(_serve, real, opts, on_ready)

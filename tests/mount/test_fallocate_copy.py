@@ -1,28 +1,25 @@
-"""fallocate, copy_file_range and lseek(SEEK_DATA/SEEK_HOLE), which only this binding forwards
-to the file system."""
+"""fallocate (including PUNCH_HOLE and ZERO_RANGE), copy_file_range by reference and
+lseek(SEEK_DATA/SEEK_HOLE): the low-level binding forwards them to the file system, where the
+pyfuse3 binding leaves them to the kernel's fallbacks (test_posix_basic checks those results)."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from pathlib import Path
 
 import pytest
-from llmount import MIB, Mount
+from loftmount import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    MIB,
+    Mount,
+    fallocate,
+    lowlevel_only,
+)
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+pytestmark = lowlevel_only("forward fallocate, copy_file_range and lseek to the file system")
 
 
 def test_fallocate_grows_the_file(workdir: Path) -> None:
@@ -43,7 +40,7 @@ def test_fallocate_grows_the_file(workdir: Path) -> None:
     assert data[3:] == bytes(4 * MIB - 3)
 
 
-def test_punch_hole_reads_zeros(workdir: Path) -> None:
+def test_punch_hole_and_zero_range_read_zeros(workdir: Path) -> None:
     f = workdir / "holes"
     content = bytes(range(256)) * (3 * MIB // 256)
     f.write_bytes(content)
@@ -77,7 +74,7 @@ def test_fallocate_unsupported_mode(workdir: Path) -> None:
         os.close(fd)
 
 
-def test_copy_file_range_copies_by_reference(workdir: Path, shared_mount: Mount) -> None:
+def test_copy_file_range_writes_no_new_blocks(workdir: Path, shared_mount: Mount) -> None:
     src, dst = workdir / "src", workdir / "dst"
     content = os.urandom(3 * MIB + 123)
     src.write_bytes(content)
@@ -86,8 +83,7 @@ def test_copy_file_range_copies_by_reference(workdir: Path, shared_mount: Mount)
     fi = os.open(src, os.O_RDONLY)
     fo = os.open(dst, os.O_RDWR)
     try:
-        n = os.copy_file_range(fi, fo, 2 * MIB, 0, 500)
-        assert n == 2 * MIB
+        assert os.copy_file_range(fi, fo, 2 * MIB, 0, 500) == 2 * MIB
         done = 0
         while done < len(content) - MIB:  # the rest, from an offset, possibly in pieces
             n = os.copy_file_range(fi, fo, len(content), MIB + done, 500 + 2 * MIB + done)
@@ -97,8 +93,7 @@ def test_copy_file_range_copies_by_reference(workdir: Path, shared_mount: Mount)
     finally:
         os.close(fi)
         os.close(fo)
-    expected = b"D" * 500 + content[: 2 * MIB] + content[MIB:]
-    assert dst.read_bytes() == expected
+    assert dst.read_bytes() == b"D" * 500 + content[: 2 * MIB] + content[MIB:]
     # No block was written for the copy: the destination references the source's slices.
     assert not set(shared_mount.volume.block_files()) - blocks_before
 
