@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 
 from loftfs.chunk.layout import block_keys
 from loftfs.meta.interface import Meta
 from loftfs.object.interface import ObjectStore
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class GCStats:
+    slices: int = 0  # slices whose blocks were deleted and records dropped
+    blocks: int = 0
+    bytes: int = 0
+    failed: int = 0  # slices whose blocks could not all be deleted (they stay queued)
 
 
 class BlockGC:
@@ -39,8 +48,12 @@ class BlockGC:
     def run_once(self) -> int:
         """Delete the blocks of every slice queued for deletion; returns how many slices were
         collected. A slice whose blocks could not all be deleted stays queued for next time."""
+        return self.collect().slices
+
+    def collect(self) -> GCStats:
+        """``run_once`` with the full counts (for ``loft gc``)."""
         self._purge_trash()
-        total = 0
+        stats = GCStats()
         failed: set[int] = set()
         while not self._stop.is_set():
             batch = [(i, n) for i, n in self.meta.deleted_slices(self.batch) if i not in failed]
@@ -56,24 +69,23 @@ class BlockGC:
                     failed.add(slice_id)
                     continue
                 done.append(slice_id)
+                stats.blocks += len(keys)
+                stats.bytes += size
             if done:
                 self.meta.forget_deleted_slices(done)
-                total += len(done)
+                stats.slices += len(done)
             else:
                 break  # everything left failed this round
-        self.deleted_slices += total
-        if total:
-            log.debug("gc: deleted the blocks of %d slices", total)
-        return total
+        stats.failed = len(failed)
+        self.deleted_slices += stats.slices
+        if stats.slices:
+            log.debug("gc: deleted the blocks of %d slices", stats.slices)
+        return stats
 
     def _purge_trash(self) -> None:
-        """Expired trash releases its slices into the deletion queue first. Engines offer
-        ``cleanup_trash`` outside the ``Meta`` interface; one without it has no trash."""
-        purge = getattr(self.meta, "cleanup_trash", None)
-        if not callable(purge):
-            return
+        """Expired trash releases its slices into the deletion queue first."""
         try:
-            purge()
+            self.meta.cleanup_trash()
         except Exception as e:
             log.warning("gc: trash cleanup failed: %s", e)
 
