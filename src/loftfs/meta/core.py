@@ -286,9 +286,7 @@ class MetaCore(Meta):
 
     @staticmethod
     def _get_dir(tx: Txn, inode: int) -> Attr:
-        attr = tx.get_attr(inode)
-        if attr is None:
-            raise FSError(errno.ENOENT)
+        attr = MetaCore._get(tx, inode)
         if attr.type != FileType.DIR:
             raise FSError(errno.ENOTDIR)
         return attr
@@ -296,9 +294,7 @@ class MetaCore(Meta):
     @staticmethod
     def _get_file(tx: Txn, inode: int) -> Attr:
         """A regular file: EISDIR for a directory, EINVAL for other nodes."""
-        attr = tx.get_attr(inode)
-        if attr is None:
-            raise FSError(errno.ENOENT)
+        attr = MetaCore._get(tx, inode)
         if attr.type == FileType.DIR:
             raise FSError(errno.EISDIR)
         if attr.type != FileType.FILE:
