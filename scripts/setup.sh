@@ -13,11 +13,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 extras=""
 case "${1:-}" in
     "") ;;
-    --test) extras="[test]" ;;
+    --test) extras="[test]" ;;  # also the servers the tests start: Redis, PostgreSQL
     *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
 esac
 
 packages=(ca-certificates python3 python3-venv python3-dev gcc pkg-config fuse3 libfuse3-dev attr)
+if [[ -n $extras ]]; then
+    # real servers for the backend tests (started by the tests on loopback, never as services)
+    packages+=(redis-server postgresql)
+fi
 missing=()
 for pkg in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
