@@ -10,6 +10,7 @@ purpose) is reported as a teardown error with the tail of its log.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import threading
@@ -17,8 +18,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import loftmount
 import pytest
-from loftmount import Mount, Mounter, Volume, fuse_unavailable, kill_all_mounts, make_volume
+from loftmount import (
+    STACKS,
+    Mount,
+    Mounter,
+    Stack,
+    Volume,
+    fuse_unavailable,
+    kill_all_mounts,
+    make_volume,
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -30,6 +41,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.mount)
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The stack of this run (``LOFT_TEST_STACK``, default ``sqlite+file``), its servers started
+    once for the session; every volume of the folder's fixtures is made on it."""
+    name = os.environ.get("LOFT_TEST_STACK", "sqlite+file")
+    if name not in STACKS:
+        pytest.exit(f"LOFT_TEST_STACK={name!r}: expected one of {', '.join(STACKS)}", 2)
+    stack = Stack(name)
+    if stack.meta_kind == "redis":
+        stack.redis = request.getfixturevalue("redis_server")
+    elif stack.meta_kind == "postgres":
+        stack.postgres = request.getfixturevalue("postgres_server")
+        stack.pg_db = stack.postgres.new_database()
+    if stack.storage == "s3":
+        stack.seaweed = request.getfixturevalue("seaweed_server")
+    loftmount.STACK = stack
+    yield stack
+    loftmount.STACK = Stack()
 
 
 @pytest.fixture(autouse=True)

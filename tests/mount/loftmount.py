@@ -83,40 +83,141 @@ def loft(*args: str, check: bool = True, timeout: float = 60) -> subprocess.Comp
 
 
 @dataclass
+class Stack:
+    """The metadata engine and object store the mount tests run on.
+
+    CI runs this folder on ``sqlite+file`` (the embedded default) and again on ``redis+s3`` and
+    ``postgres+s3`` (``LOFT_TEST_STACK``), with the servers of ``tests/servers.py``; the
+    session fixture in ``conftest.py`` fills in the servers.
+    """
+
+    name: str = "sqlite+file"
+    redis: Any = None
+    postgres: Any = None
+    pg_db: str = ""
+    seaweed: Any = None
+
+    @property
+    def meta_kind(self) -> str:
+        return self.name.split("+")[0]
+
+    @property
+    def storage(self) -> str:
+        return self.name.split("+")[1]
+
+    def meta_url(self, root: Path, tag: str) -> str:
+        if self.meta_kind == "sqlite":
+            return f"sqlite3://{root / 'meta.db'}"
+        if self.meta_kind == "redis":
+            return str(self.redis.url(prefix=tag))
+        if self.meta_kind == "postgres":
+            return str(self.postgres.url(self.pg_db, schema=tag))
+        raise AssertionError(self.name)
+
+    def s3_client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.seaweed.endpoint,
+            aws_access_key_id=self.seaweed.access_key,
+            aws_secret_access_key=self.seaweed.secret_key,
+            region_name="us-east-1",
+        )
+
+
+STACKS = ("sqlite+file", "redis+s3", "postgres+s3")
+STACK = Stack()  # replaced by the session fixture when LOFT_TEST_STACK names another stack
+
+
+@dataclass
 class Volume:
-    """A formatted volume: its SQLite metadata file and its bucket directory."""
+    """A formatted volume: its metadata URL and its bucket (a directory or an S3 bucket)."""
 
     root: Path
     name: str
     block_size: int
+    stack: Stack = field(default_factory=lambda: STACK)
+    tag: str = ""
+    meta_url: str = ""
+
+    def __post_init__(self) -> None:
+        self.tag = self.tag or f"v{os.urandom(5).hex()}"
+        self.meta_url = self.meta_url or self.stack.meta_url(self.root, self.tag)
 
     @property
     def meta_db(self) -> Path:
+        """The SQLite file (``sqlite+file`` stack only)."""
+        if self.stack.meta_kind != "sqlite":
+            pytest.skip(f"needs the SQLite metadata file (stack {self.stack.name})")
         return self.root / "meta.db"
 
     @property
     def bucket(self) -> Path:
+        """The bucket directory (``file`` storage only)."""
+        if self.stack.storage != "file":
+            pytest.skip(f"needs a bucket directory (stack {self.stack.name})")
         return self.root / "bucket"
 
     @property
-    def meta_url(self) -> str:
-        return f"sqlite3://{self.meta_db}"
+    def s3_bucket(self) -> str:
+        return f"loft-{self.tag}"
 
-    def block_files(self) -> list[Path]:
-        """The data blocks in the bucket."""
-        return [p for p in self.bucket.rglob("*") if p.is_file() and "/chunks/" in str(p)]
+    def storage_flags(self) -> list[str]:
+        if self.stack.storage == "file":
+            return ["--storage", "file", "--bucket", str(self.bucket)]
+        sw = self.stack.seaweed
+        return [
+            "--storage", "s3", "--bucket", f"{sw.endpoint}/{self.s3_bucket}",
+            "--access-key", sw.access_key, "--secret-key", sw.secret_key,
+        ]  # fmt: skip
+
+    def block_files(self) -> list[str]:
+        """The keys of the data blocks in the bucket."""
+        if self.stack.storage == "file":
+            base = self.bucket
+            return [
+                str(p.relative_to(base))
+                for p in base.rglob("*")
+                if p.is_file() and "/chunks/" in str(p)
+            ]
+        client = self.stack.s3_client()
+        keys = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=self.s3_bucket):
+            keys += [o["Key"] for o in page.get("Contents", []) if "/chunks/" in o["Key"]]
+        return keys
+
+    def delete_block(self, key: str) -> None:
+        if self.stack.storage == "file":
+            (self.bucket / key).unlink()
+        else:
+            self.stack.s3_client().delete_object(Bucket=self.s3_bucket, Key=key)
+
+    def read_block(self, key: str) -> bytes:
+        if self.stack.storage == "file":
+            return (self.bucket / key).read_bytes()
+        body = self.stack.s3_client().get_object(Bucket=self.s3_bucket, Key=key)["Body"]
+        return bytes(body.read())
+
+    def write_block(self, key: str, data: bytes) -> None:
+        """Overwrite a stored object behind loftfs's back (to damage it)."""
+        if self.stack.storage == "file":
+            (self.bucket / key).write_bytes(data)
+        else:
+            self.stack.s3_client().put_object(Bucket=self.s3_bucket, Key=key, Body=data)
 
 
 def make_volume(root: Path, *, name: str = "testvol", block_size: int = MIB, **opts: str) -> Volume:
-    """Format a volume under ``root``; ``opts`` become ``--key value`` flags of ``loft format``."""
+    """Format a volume under ``root`` on the current stack; ``opts`` become ``--key value``
+    flags of ``loft format``."""
+    root.mkdir(parents=True, exist_ok=True)
     volume = Volume(root, name, block_size)
-    volume.bucket.mkdir(parents=True, exist_ok=True)
+    if volume.stack.storage == "file":
+        volume.bucket.mkdir(parents=True, exist_ok=True)
     flags = ["--block-size", f"{block_size // 1024}K"]
     for key, value in opts.items():
         flags += [f"--{key.replace('_', '-')}", value]
-    loft(
-        "format", volume.meta_url, name, "--storage", "file", "--bucket", str(volume.bucket), *flags
-    )
+    loft("format", volume.meta_url, name, *volume.storage_flags(), *flags)
     return volume
 
 

@@ -64,7 +64,7 @@ def test_failures_do_not_kill_the_mount(mounter: Mounter, volume: Volume) -> Non
     blocks = volume.block_files()
     assert blocks
     for block in blocks:
-        block.unlink()  # the data is gone from the object store
+        volume.delete_block(block)  # the data is gone from the object store
     # Another mount (no cached copy) finds the blocks missing.
     m = mounter.mount(volume)
     with pytest.raises(OSError) as e:
