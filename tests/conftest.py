@@ -65,12 +65,13 @@ def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed
     yield from _session_server("seaweedfs", SeaweedServer, tmp_path_factory)
 
 
-def _factory(kind: str, cls: Callable[[Path], S], tmp_path: Path) -> Iterator[Callable[[], S]]:
+def _factory(kind: str, cls: Callable[..., S], tmp_path: Path) -> Iterator[Callable[..., S]]:
     made: list[S] = []
 
-    def make() -> S:
+    def make(**kwargs: object) -> S:
+        """``kwargs`` go to the server class (e.g. ``password=`` of ``RedisServer``)."""
         _require(kind)
-        server = cls(tmp_path / f"{kind}{len(made)}")
+        server = cls(tmp_path / f"{kind}{len(made)}", **kwargs)
         made.append(server)
         server.start()
         return server
@@ -83,7 +84,7 @@ def _factory(kind: str, cls: Callable[[Path], S], tmp_path: Path) -> Iterator[Ca
 
 
 @pytest.fixture
-def redis_factory(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     """Start Redis servers owned by one test (to kill, pause or restart them)."""
     yield from _factory("redis", RedisServer, tmp_path)
 

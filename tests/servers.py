@@ -89,6 +89,7 @@ class Server:
     """A child process with a data directory, restartable on the same port."""
 
     name = "server"
+    stop_grace_s = 20.0  # how long stop() waits after SIGTERM before SIGKILL
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -141,13 +142,13 @@ class Server:
             return "(no log)"
 
     def stop(self) -> None:
-        """Graceful stop (SIGTERM, then SIGKILL after 20 s)."""
+        """Graceful stop (SIGTERM, then SIGKILL after ``stop_grace_s``)."""
         if self.proc is None or self.proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(20)
+            self.proc.wait(self.stop_grace_s)
         except subprocess.TimeoutExpired:
             self.kill()
 
@@ -167,7 +168,8 @@ class Server:
 
     def resume(self) -> None:
         if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # killed meanwhile
+                os.killpg(self.proc.pid, signal.SIGCONT)
 
     def restart(self) -> None:
         self.stop()
@@ -308,6 +310,40 @@ class PostgresServer(Server):
         )
         return res.returncode == 0
 
+    def _backends(self) -> list[int]:
+        """Pids of the postmaster's children: each runs in a session of its own, so signals
+        to the postmaster's process group do not reach them."""
+        if self.proc is None:
+            return []
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                    pids.append(int(stat.parent.name))
+        return pids
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every backend at once, as a crash would: a backend
+        left alone would keep answering its connection for a moment."""
+        backends = self._backends()
+        super().kill()
+        for pid in backends:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def pause(self) -> None:
+        """SIGSTOP the postmaster and every backend: open connections hang too."""
+        super().pause()
+        for pid in self._backends():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._backends():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        super().resume()
+
     def stop(self) -> None:
         """Fast shutdown (SIGINT), then SIGKILL."""
         if self.proc is None or self.proc.poll() is not None:
@@ -357,6 +393,9 @@ class SeaweedServer(Server):
 
     name = "seaweedfs"
     access_key, secret_key = S3_ADMIN
+    # its filer keeps retrying peers after SIGTERM and never exits by itself; what it has
+    # acknowledged is in its files already, so a short grace loses nothing
+    stop_grace_s = 3.0
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir)
@@ -395,6 +434,12 @@ class SeaweedServer(Server):
         }
         (self.workdir / "s3.json").write_text(json.dumps(config))
         (self.workdir / "data").mkdir(exist_ok=True)
+        # Every bucket is a collection with volumes of its own; by default the master grows 7
+        # per collection, so 64 volumes last 9 buckets. Tests make hundreds of small buckets:
+        # one volume each (read from the working directory), and room for 1000.
+        (self.workdir / "master.toml").write_text(
+            "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n"
+        )
 
     def command(self) -> list[str]:
         return [
@@ -407,8 +452,10 @@ class SeaweedServer(Server):
             "-s3", f"-s3.port={self.ports['s3']}",
             f"-s3.config={self.workdir / 's3.json'}",
             "-master.volumeSizeLimitMB=256",
-            "-volume.max=64",
+            "-volume.max=1000",
             "-metricsPort=0",
+            # fixed ports by default (8181, 9101): two servers at once would collide
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]  # fmt: skip
 
     def start(self) -> None:

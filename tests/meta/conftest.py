@@ -7,8 +7,10 @@ is one branch in ``backend``.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from meta_helpers import Backend
@@ -16,7 +18,16 @@ from meta_helpers import Backend
 from loftfs.meta import Meta
 from loftfs.meta.types import VolumeSettings
 
-ENGINES = ["sqlite", "sqlite-batched"]
+ENGINES = ["sqlite", "sqlite-batched", "redis", "postgres"]
+_POSTGRES_DBS: dict[int, str] = {}
+
+
+def _postgres_db(server: Any) -> str:
+    """One database per PostgreSQL server of the run (each test gets a schema in it)."""
+    key = id(server)
+    if key not in _POSTGRES_DBS:
+        _POSTGRES_DBS[key] = server.new_database()
+    return _POSTGRES_DBS[key]
 
 
 @pytest.fixture(params=ENGINES)
@@ -24,6 +35,12 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     name = request.param
     if name in ("sqlite", "sqlite-batched"):
         b = Backend(name, f"sqlite3://{tmp_path}/meta.db", batched=name.endswith("batched"))
+    elif name == "redis":  # the session's server, a key prefix of the test's own
+        server = request.getfixturevalue("redis_server")
+        b = Backend(name, server.url(db=1, prefix=f"t{uuid.uuid4().hex[:12]}"))
+    elif name == "postgres":  # the session's server and database, a schema of the test's own
+        server = request.getfixturevalue("postgres_server")
+        b = Backend(name, server.url(_postgres_db(server), schema=f"t{uuid.uuid4().hex[:12]}"))
     else:  # pragma: no cover - engines added later get their branch here
         raise AssertionError(name)
     yield b

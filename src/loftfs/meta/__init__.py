@@ -11,7 +11,10 @@ from loftfs.meta.interface import Meta
 # scheme -> (module, class, pip extra hint)
 _ENGINES: dict[str, tuple[str, str, str]] = {
     "sqlite3": ("loftfs.meta.sqlite", "SQLiteMeta", ""),
-    # next: "redis", "rediss" -> loftfs.meta.redis; "postgres", "postgresql" -> loftfs.meta.postgres
+    "redis": ("loftfs.meta.redis", "RedisMeta", "redis"),
+    "rediss": ("loftfs.meta.redis", "RedisMeta", "redis"),
+    "postgres": ("loftfs.meta.postgres", "PostgresMeta", "psycopg[binary], psycopg-pool"),
+    "postgresql": ("loftfs.meta.postgres", "PostgresMeta", "psycopg[binary], psycopg-pool"),
 }
 
 

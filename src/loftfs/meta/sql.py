@@ -1,8 +1,16 @@
 """The SQL engine: schema, the ``Txn`` primitives in SQL, and the retrying transaction runner.
 
-Dialects (``sqlite.py``, later ``postgres.py``) supply connections, ``BEGIN`` statements, column
+Dialects (``sqlite.py``, ``postgres.py``) supply connections, ``BEGIN`` statements, column
 types and the classification of driver errors. Queries are written with ``?`` placeholders and
-rewritten once per dialect.
+rewritten once per dialect. Every upsert is ``INSERT ... ON CONFLICT ... DO UPDATE``, which
+SQLite (3.24+), PostgreSQL and the PostgreSQL-compatible distributed databases all accept.
+
+Row locks: a dialect with ``row_lock = " FOR UPDATE"`` locks, in write transactions, every row
+the shared layer reads by key before it decides what to write (inode attributes, chunk slice
+lists, sessions). The shared layer reads every inode an operation changes (usually the parent
+directory first) before it writes anything, so under READ COMMITTED these locks serialise
+exactly the transactions that touch the same inodes, like a per-inode mutex held until commit;
+SQLite needs none (one writer at a time).
 
 Attributes are stored in columns of ``loft_node`` so that other tools can inspect them. A
 chunk's slice list is one BLOB in ``loft_chunk.slices``: records of ``SLICE_RECORD.size`` bytes,
@@ -90,6 +98,7 @@ CREATE INDEX IF NOT EXISTS loft_trash_time ON loft_trash (deleted_ns)
 """
 
 _NODE_COLS = "inode, type, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent"
+_JOINED_NODE_COLS = ", ".join(f"n.{c.strip()}" for c in _NODE_COLS.split(","))
 
 
 def pack_slices(slices: Iterable[Slice]) -> bytes:
@@ -125,6 +134,16 @@ class SQLDialect:
     blob_type = "BYTEA"
     norowid = ""
     placeholder = "%s"
+    #: appended to the key reads of write transactions (see the module docstring)
+    row_lock = ""
+    #: ``INSERT ... RETURNING`` is available: counters are incremented in one statement
+    returning = False
+    #: read transactions fetch an entry's inode attributes with the entry (one statement
+    #: instead of two for a lookup; worth it where a statement costs a network round trip)
+    join_entry_attr = False
+
+    def __init__(self) -> None:
+        self._rewritten: dict[str, str] = {}
 
     def blob_concat(self, a: str, b: str) -> str:
         return f"{a} || {b}"
@@ -134,15 +153,27 @@ class SQLDialect:
         return [s.strip() for s in re.split(r"\n(?=CREATE )", text.strip())]
 
     def sql(self, query: str) -> str:
-        return query if self.placeholder == "?" else query.replace("?", self.placeholder)
+        if self.placeholder == "?":
+            return query
+        done = self._rewritten.get(query)
+        if done is None:
+            done = self._rewritten[query] = query.replace("?", self.placeholder)
+        return done
 
 
 class SQLTxn:
-    """The ``Txn`` primitives over one DB-API cursor inside an open transaction."""
+    """The ``Txn`` primitives over one DB-API cursor inside an open transaction. ``write``
+    says whether the transaction may write (its key reads then take the dialect's row lock)."""
 
-    def __init__(self, cur: Any, dialect: SQLDialect) -> None:
+    def __init__(self, cur: Any, dialect: SQLDialect, write: bool = False) -> None:
         self.cur = cur
         self.d = dialect
+        self.lock = dialect.row_lock if write else ""
+        # attributes fetched along with an entry, served once by ``get_attr`` (reads only:
+        # a read transaction sees one snapshot, so they cannot differ from a fresh read)
+        self.prefetched: dict[int, Attr] | None = (
+            {} if dialect.join_entry_attr and not write else None
+        )
 
     def _x(self, query: str, args: tuple[Any, ...] = ()) -> Any:
         self.cur.execute(self.d.sql(query), args)
@@ -178,12 +209,24 @@ class SQLTxn:
         )
 
     def incr_counter(self, name: str, delta: int) -> int:
+        if self.d.returning:
+            rows = self._all(
+                "INSERT INTO loft_counter (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = loft_counter.value + excluded.value "
+                "RETURNING value",
+                (name, delta),
+            )
+            return int(rows[0][0])
         self.add_counter(name, delta)
         return self.get_counter(name)
 
     # --- inodes -------------------------------------------------------------------------------
     def get_attr(self, inode: int) -> Attr | None:
-        row = self._one(f"SELECT {_NODE_COLS} FROM loft_node WHERE inode = ?", (inode,))
+        if self.prefetched:
+            attr = self.prefetched.pop(inode, None)
+            if attr is not None:
+                return attr
+        row = self._one(f"SELECT {_NODE_COLS} FROM loft_node WHERE inode = ?{self.lock}", (inode,))
         return None if row is None else _attr(row)
 
     def put_attr(self, attr: Attr) -> None:
@@ -215,6 +258,17 @@ class SQLTxn:
 
     # --- directory entries --------------------------------------------------------------------
     def get_entry(self, parent: int, name: bytes) -> tuple[int, FileType] | None:
+        if self.prefetched is not None:
+            row = self._one(
+                f"SELECT e.inode, e.type, {_JOINED_NODE_COLS} FROM loft_edge e "
+                "LEFT JOIN loft_node n ON n.inode = e.inode WHERE e.parent = ? AND e.name = ?",
+                (parent, name),
+            )
+            if row is None:
+                return None
+            if row[2] is not None:
+                self.prefetched[int(row[0])] = _attr(row[2:])
+            return int(row[0]), FileType(row[1])
         row = self._one(
             "SELECT inode, type FROM loft_edge WHERE parent = ? AND name = ?", (parent, name)
         )
@@ -235,10 +289,9 @@ class SQLTxn:
         return self._one("SELECT 1 FROM loft_edge WHERE parent = ? LIMIT 1", (parent,)) is not None
 
     def list_dir(self, parent: int) -> list[tuple[bytes, Attr]]:
-        cols = ", ".join(f"n.{c.strip()}" for c in _NODE_COLS.split(","))
         rows = self._all(
-            f"SELECT e.name, {cols} FROM loft_edge e JOIN loft_node n ON n.inode = e.inode "
-            "WHERE e.parent = ? ORDER BY e.name",
+            f"SELECT e.name, {_JOINED_NODE_COLS} FROM loft_edge e "
+            "JOIN loft_node n ON n.inode = e.inode WHERE e.parent = ? ORDER BY e.name",
             (parent,),
         )
         return [(bytes(r[0]), _attr(r[1:])) for r in rows]
@@ -260,7 +313,9 @@ class SQLTxn:
 
     # --- chunks and slices --------------------------------------------------------------------
     def get_chunk(self, inode: int, index: int) -> list[Slice]:
-        row = self._one("SELECT slices FROM loft_chunk WHERE inode = ? AND idx = ?", (inode, index))
+        row = self._one(
+            f"SELECT slices FROM loft_chunk WHERE inode = ? AND idx = ?{self.lock}", (inode, index)
+        )
         return [] if row is None else unpack_slices(row[0])
 
     def chunk_indexes(self, inode: int) -> list[int]:
@@ -414,7 +469,9 @@ class SQLTxn:
         self._x("UPDATE loft_session SET heartbeat_ns = ? WHERE sid = ?", (heartbeat_ns, sid))
 
     def get_session(self, sid: int) -> SessionRec | None:
-        row = self._one("SELECT sid, heartbeat_ns, info FROM loft_session WHERE sid = ?", (sid,))
+        row = self._one(
+            f"SELECT sid, heartbeat_ns, info FROM loft_session WHERE sid = ?{self.lock}", (sid,)
+        )
         return None if row is None else SessionRec(int(row[0]), int(row[1]), str(row[2]))
 
     def del_session(self, sid: int) -> None:
@@ -455,14 +512,16 @@ class SQLMeta(BaseMeta):
     RETRY_DEADLINE_S = 60.0
 
     # --- dialect hooks ------------------------------------------------------------------------
+    # ``_conn`` and ``_begin`` serve the default runner below; an engine that replaces ``_run``
+    # (PostgreSQL: pooled connections, pipelining) need not provide them.
 
-    @abstractmethod
     def _conn(self) -> Any:
         """A DB-API connection for the calling thread, in autocommit mode."""
+        raise NotImplementedError
 
-    @abstractmethod
     def _begin(self, cur: Any, write: bool) -> None:
         """Open a transaction: writers must hold the write lock (or a serializable snapshot)."""
+        raise NotImplementedError
 
     @abstractmethod
     def _is_conflict(self, exc: BaseException) -> bool:
@@ -480,7 +539,7 @@ class SQLMeta(BaseMeta):
 
     def _transaction(self, fn: Callable[[Txn], T], write: bool) -> T:
         dialect = self.dialect
-        return self._run(lambda cur: fn(SQLTxn(cur, dialect)), write)
+        return self._run(lambda cur: fn(SQLTxn(cur, dialect, write)), write)
 
     def _run(self, fn: Callable[[Any], T], write: bool) -> T:
         """Run ``fn(cursor)`` in one transaction, retrying conflicts (see ``_transaction``)."""

@@ -1,0 +1,760 @@
+"""The key layout of the Redis engine and its ``Txn`` primitives.
+
+Every key of a volume starts with ``<prefix>:`` (the URL's ``?prefix=``, ``loft`` when none is
+given), so several volumes can share one database and ``destroy`` removes exactly one volume's
+keys with ``SCAN MATCH <prefix>:*``. Below, ``P`` is that prefix, ``N`` an inode, ``S`` a
+session id, ``I`` a chunk index:
+
+==================  =======  =============================================================
+key                 type     content
+==================  =======  =============================================================
+``P:setting``       hash     volume settings: name -> value (``volume``: the JSON settings)
+``P:n:<name>``      string   a counter (``INCRBY``): next inode/slice/session, usage
+``P:iN``            string   inode attributes, 64 bytes (``ATTR_RECORD``)
+``P:dN``            hash     directory entries: name -> ``<type digit><inode decimal>``
+``P:lN``            string   symlink target
+``P:cN_I``          string   a chunk's slice list: 25-byte records (``SLICE_RECORD``), oldest
+                             first, ``APPEND`` adds to it
+``P:ckN``           set      indexes of the chunks of N that hold a slice list
+``P:refs``          hash     slice id -> reference count (``HINCRBY``)
+``P:dead``          zset     slices whose count is <= 0: member ``<id>:<size>``, score id
+``P:xN``            hash     extended attributes: name -> value
+``P:ofN``           set      sessions that hold N open
+``P:osS``           set      inodes that session S holds open
+``P:flN``           hash     BSD flocks: ``<sid>:<owner>`` -> lock type
+``P:plN``           hash     POSIX locks: ``<sid>:<owner>`` -> 21-byte ranges
+                             (``PLOCK_RECORD``: type, start, end, pid), sorted by start
+``P:lsS``           set      inodes where session S holds (or held) a lock
+``P:sessions``      zset     session id, score heartbeat (ns, as a double: 256 ns steps)
+``P:sessinfo``      hash     session id -> JSON info
+``P:trash``         zset     inode, score time of deletion (ns, as a double)
+``P:trashtime``     hash     inode -> exact time of deletion (ns)
+``P:cm:<token>``    string   commit marker of one connection (see ``loftfs.meta.redis``)
+==================  =======  =============================================================
+
+Reads go to the server as the shared layer asks for them. In a write transaction each read is
+sent in one round trip with the ``WATCH`` of the keys it reads, and writes are queued until
+``commit`` sends them as one ``MULTI``/``EXEC`` (the shared layer never reads back what it wrote
+within a transaction, see ``loftfs.meta.txn``). Writes whose effect depends on what the server
+holds at commit time (reference counts, deleting everything a set indexes) are small Lua
+scripts queued inside the same ``MULTI``, so they stay atomic with the rest. A read-only
+transaction does not watch: each read sees the latest committed value of its keys.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from redis.exceptions import ResponseError
+
+from loftfs.errors import MetaUnavailable, NotFormatted
+from loftfs.meta.txn import SETTING_VOLUME, FlockRec, PlockRange, SessionRec
+from loftfs.meta.types import ROOT_INODE, Attr, FileType, Slice
+
+# version, type, mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, parent
+ATTR_RECORD = struct.Struct(">BBHIIIQQqqqQ")
+ATTR_VERSION = 1
+_LISTING_HEAD = struct.Struct(">BB" + ATTR_RECORD.format[1:])  # see LUA_LIST_DIR
+# pos, id, size, off, len, kind (the SQL engine's record, see loftfs.meta.sql)
+SLICE_RECORD = struct.Struct(">IQIIIB")
+# type, start, end (inclusive), pid
+PLOCK_RECORD = struct.Struct(">BQQI")
+
+MGET_BATCH = 1000  # keys per MGET when listing a directory
+LIST_DIR_SCRIPT_MAX = 20_000  # larger directories are listed without a script (no long block)
+CHUNK_BATCH = 256  # chunks read in one round trip
+
+Command = tuple[Any, ...]
+
+
+# --- Lua scripts queued inside MULTI (sent with EVAL: a script missing from the server's cache
+# --- would otherwise fail inside EXEC while the other commands apply) -------------------------
+
+# KEYS: refs, dead. ARGV: id, size, delta, id, size, delta, ...
+LUA_SLICE_REFS = """
+for i = 1, #ARGV, 3 do
+  local id, size, delta = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local n = redis.call('HINCRBY', KEYS[1], id, delta)
+  if n <= 0 then
+    redis.call('ZADD', KEYS[2], id, id .. ':' .. size)
+  elseif n - delta <= 0 then
+    redis.call('ZREM', KEYS[2], id .. ':' .. size)
+  end
+end
+return 0
+"""
+
+# KEYS: refs, dead. ARGV: ids
+LUA_FORGET_SLICES = """
+for _, id in ipairs(ARGV) do
+  local n = redis.call('HGET', KEYS[1], id)
+  if (not n) or tonumber(n) <= 0 then
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], id, id)
+  end
+end
+return 0
+"""
+
+# KEYS: an index set. ARGV: key head. Deletes head..member for every member, then the set.
+LUA_DEL_INDEXED = """
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  redis.call('DEL', ARGV[1] .. m)
+end
+redis.call('DEL', KEYS[1])
+return 0
+"""
+
+# KEYS: P:osS. ARGV: head of the per-inode open sets (P:of), sid.
+LUA_DEL_SESSION_OPENS = """
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  redis.call('SREM', ARGV[1] .. m, ARGV[2])
+end
+redis.call('DEL', KEYS[1])
+return 0
+"""
+
+# KEYS: P:lsS. ARGV: prefix P:, sid, inode ('' = every inode of the session).
+LUA_DEL_LOCKS = """
+local inodes
+if ARGV[3] ~= '' then
+  if redis.call('SISMEMBER', KEYS[1], ARGV[3]) == 0 then return 0 end
+  inodes = {ARGV[3]}
+else
+  inodes = redis.call('SMEMBERS', KEYS[1])
+end
+local head = ARGV[2] .. ':'
+for _, n in ipairs(inodes) do
+  for _, kind in ipairs({'fl', 'pl'}) do
+    local key = ARGV[1] .. kind .. n
+    for _, f in ipairs(redis.call('HKEYS', key)) do
+      if string.sub(f, 1, #head) == head then redis.call('HDEL', key, f) end
+    end
+  end
+  redis.call('SREM', KEYS[1], n)
+end
+return 0
+"""
+
+# Read-only (not inside MULTI): a directory's entries with their attributes as strings of
+# records <name length u8><entry length u8><attributes><entry value><name>, about 100 records
+# a string: a few bulk replies parse far faster than thousands, and Lua 5.1 joins short lists
+# far faster than long ones. Attributes are fetched with MGET, 500 keys a call. nil when the
+# directory has more than ARGV[2] entries. KEYS: P:dN. ARGV: head of attribute keys (P:i), limit.
+LUA_LIST_DIR = """
+if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[2]) then return false end
+local kv = redis.call('HGETALL', KEYS[1])
+local groups, pieces, n = {}, {}, 0
+for first = 1, #kv, 1000 do
+  local last = math.min(first + 998, #kv - 1)
+  local keys = {}
+  for i = first, last, 2 do keys[#keys + 1] = ARGV[1] .. string.sub(kv[i + 1], 2) end
+  local attrs = redis.call('MGET', unpack(keys))
+  for j = 1, #keys do
+    local a = attrs[j]
+    if a then
+      local name, v = kv[first + 2 * j - 2], kv[first + 2 * j - 1]
+      pieces[n + 1] = string.char(#name, #v)
+      pieces[n + 2] = a
+      pieces[n + 3] = v
+      pieces[n + 4] = name
+      n = n + 4
+      if n == 400 then
+        groups[#groups + 1] = table.concat(pieces, '', 1, n)
+        n = 0
+      end
+    end
+  end
+end
+if n > 0 then groups[#groups + 1] = table.concat(pieces, '', 1, n) end
+return groups
+"""
+
+# Read-only speculation (not inside MULTI): an entry and the attributes of its inode in one
+# round trip. KEYS: P:dN. ARGV: name, head of attribute keys (P:i).
+LUA_ENTRY_ATTR = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return false end
+return {v, redis.call('GET', ARGV[2] .. string.sub(v, 2))}
+"""
+
+
+class Keys:
+    """Key names of one volume (see the module docstring)."""
+
+    __slots__ = (
+        "dead",
+        "head",
+        "refs",
+        "sessinfo",
+        "sessions",
+        "setting",
+        "trash",
+        "trash_time",
+    )
+
+    def __init__(self, prefix: str) -> None:
+        self.head = prefix + ":"
+        h = self.head
+        self.setting = h + "setting"
+        self.refs = h + "refs"
+        self.dead = h + "dead"
+        self.sessions = h + "sessions"
+        self.sessinfo = h + "sessinfo"
+        self.trash = h + "trash"
+        self.trash_time = h + "trashtime"
+
+    @property
+    def pattern(self) -> str:
+        """``SCAN MATCH`` pattern of every key of the volume (prefixes hold no glob syntax)."""
+        return self.head + "*"
+
+    def counter(self, name: str) -> str:
+        return f"{self.head}n:{name}"
+
+    def attr(self, inode: int) -> str:
+        return f"{self.head}i{inode}"
+
+    def dir(self, inode: int) -> str:
+        return f"{self.head}d{inode}"
+
+    def symlink(self, inode: int) -> str:
+        return f"{self.head}l{inode}"
+
+    def chunk(self, inode: int, index: int) -> str:
+        return f"{self.head}c{inode}_{index}"
+
+    def chunk_set(self, inode: int) -> str:
+        return f"{self.head}ck{inode}"
+
+    def xattr(self, inode: int) -> str:
+        return f"{self.head}x{inode}"
+
+    def open_by(self, inode: int) -> str:
+        return f"{self.head}of{inode}"
+
+    def opens_of(self, sid: int) -> str:
+        return f"{self.head}os{sid}"
+
+    def flocks(self, inode: int) -> str:
+        return f"{self.head}fl{inode}"
+
+    def plocks(self, inode: int) -> str:
+        return f"{self.head}pl{inode}"
+
+    def locks_of(self, sid: int) -> str:
+        return f"{self.head}ls{sid}"
+
+    def marker(self, token: str) -> str:
+        return f"{self.head}cm:{token}"
+
+
+# --- value encodings ----------------------------------------------------------------------------
+
+
+_TYPES = {t.value: t for t in FileType}
+
+
+def pack_attr(a: Attr) -> bytes:
+    return ATTR_RECORD.pack(
+        ATTR_VERSION,
+        int(a.type),
+        a.mode,
+        a.uid,
+        a.gid,
+        a.nlink,
+        a.size,
+        a.rdev,
+        a.atime_ns,
+        a.mtime_ns,
+        a.ctime_ns,
+        a.parent,
+    )
+
+
+def unpack_attr(inode: int, data: bytes) -> Attr:
+    if len(data) != ATTR_RECORD.size or data[0] != ATTR_VERSION:
+        raise MetaUnavailable(f"inode {inode}: attribute record of an unknown format")
+    _, t, *rest = ATTR_RECORD.unpack(data)
+    try:
+        return Attr(inode, _TYPES[t], *rest)
+    except KeyError:
+        raise MetaUnavailable(f"inode {inode}: attribute record of an unknown type {t}") from None
+
+
+def pack_entry(inode: int, type: FileType) -> bytes:
+    return b"%d%d" % (int(type), inode)
+
+
+def unpack_entry(data: bytes) -> tuple[int, FileType]:
+    return int(data[1:]), _TYPES[data[0] - 48]
+
+
+def pack_slices(slices: Iterable[Slice]) -> bytes:
+    return b"".join(SLICE_RECORD.pack(s.pos, s.id, s.size, s.off, s.len, s.kind) for s in slices)
+
+
+def unpack_slices(data: bytes | None) -> list[Slice]:
+    if not data:
+        return []
+    return [Slice(*rec) for rec in SLICE_RECORD.iter_unpack(data)]
+
+
+def pack_plocks(ranges: Iterable[PlockRange]) -> bytes:
+    return b"".join(PLOCK_RECORD.pack(r.ltype, r.start, r.end, r.pid) for r in ranges)
+
+
+def unpack_plocks(data: bytes) -> list[PlockRange]:
+    return [PlockRange(*rec) for rec in PLOCK_RECORD.iter_unpack(data)]
+
+
+def _owner_field(sid: int, owner: int) -> bytes:
+    return b"%d:%d" % (sid, owner)
+
+
+def _split_owner(field: bytes) -> tuple[int, int]:
+    sid, owner = field.split(b":", 1)
+    return int(sid), int(owner)
+
+
+# --- the transaction ----------------------------------------------------------------------------
+
+
+class Conn(Protocol):
+    """What a transaction needs of its connection (``loftfs.meta.redis.Link``)."""
+
+    def call(self, cmds: Sequence[Command]) -> list[Any]:
+        """Send ``cmds`` in one round trip; their replies, error replies as exceptions."""
+        ...
+
+    def eval_ro(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a read-only Lua script (cached on the server by its digest)."""
+        ...
+
+
+class RedisTxn:
+    """One attempt of a transaction on one connection (``link``, see ``loftfs.meta.redis``).
+
+    ``write``: reads watch their keys and writes are queued for ``commit``; otherwise reads
+    are plain and a write is a programming error.
+    """
+
+    __slots__ = ("_cache", "_chunks", "_link", "_queued", "_watched", "k", "reads", "write")
+
+    def __init__(self, link: Conn, keys: Keys, write: bool) -> None:
+        self._link = link
+        self.k = keys
+        self.write = write
+        self._watched: set[str] = set()
+        self._queued: list[Command] = []
+        self._cache: dict[str, Any] = {}  # key -> value read (None: missing)
+        self._chunks: dict[int, list[int]] = {}  # inode -> what chunk_indexes() returned
+        self.reads = 0  # round trips of watched reads
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _read(self, keys: Sequence[str], cmds: Sequence[Command]) -> list[Any]:
+        """Send ``cmds`` (in a write transaction after a WATCH of ``keys``) in one round trip
+        and return their replies."""
+        if self.write:
+            self.reads += 1
+            new = [k for k in keys if k not in self._watched]
+            if new:
+                self._watched.update(new)
+                replies = self._link.call([("WATCH", *new), *cmds])
+                return _checked(replies[1:])
+        return _checked(self._link.call(list(cmds)))
+
+    def _read1(self, keys: Sequence[str], cmd: Command) -> Any:
+        return self._read(keys, (cmd,))[0]
+
+    def _forget(self, *keys: str) -> None:
+        """Drop cached reads of keys this transaction writes (reads return stored values)."""
+        for key in keys:
+            self._cache.pop(key, None)
+            if key.startswith(self.k.head + "ck"):
+                self._chunks.pop(int(key[len(self.k.head) + 2 :]), None)
+
+    def _queue(self, *cmds: Command) -> None:
+        if not self.write:
+            raise RuntimeError("a write primitive was called in a read-only metadata transaction")
+        self._queued.extend(cmds)
+
+    def server_call(self, cmds: Sequence[Command]) -> list[Any]:
+        """Engine plumbing: send ``cmds`` as they are (no WATCH, nothing queued) and return
+        the replies, error replies as exception objects."""
+        return self._link.call(list(cmds))
+
+    @property
+    def queued(self) -> list[Command]:
+        return self._queued
+
+    # --- settings and counters ----------------------------------------------------------------
+
+    def get_setting(self, name: str) -> str | None:
+        v = self._read1([self.k.setting], ("HGET", self.k.setting, name))
+        return None if v is None else bytes(v).decode()
+
+    def put_setting(self, name: str, value: str) -> None:
+        self._queue(("HSET", self.k.setting, name, value))
+
+    def has_volume(self) -> bool:
+        """Whether the volume is formatted (its settings exist)."""
+        return bool(self._read1([self.k.setting], ("HEXISTS", self.k.setting, SETTING_VOLUME)))
+
+    def get_counter(self, name: str) -> int:
+        key = self.k.counter(name)
+        v = self._read1([key], ("GET", key))
+        return 0 if v is None else int(v)
+
+    def add_counter(self, name: str, delta: int) -> None:
+        self._queue(("INCRBY", self.k.counter(name), delta))
+
+    def incr_counter(self, name: str, delta: int) -> int:
+        # called alone in its transaction (see loftfs.meta.txn): applied at once, no WATCH
+        return int(_checked(self._link.call([("INCRBY", self.k.counter(name), delta)]))[0])
+
+    # --- inodes -------------------------------------------------------------------------------
+
+    def get_attr(self, inode: int) -> Attr | None:
+        key = self.k.attr(inode)
+        if key in self._cache:
+            data = self._cache[key]
+        else:
+            data = self._read1([key], ("GET", key))
+            self._cache[key] = data
+        if data is None:
+            if inode == ROOT_INODE and not self.has_volume():
+                raise NotFormatted(
+                    "no volume is formatted at this metadata URL (run `loft format`)"
+                )
+            return None
+        return unpack_attr(inode, data)
+
+    def put_attr(self, attr: Attr) -> None:
+        key = self.k.attr(attr.inode)
+        self._forget(key)
+        self._queue(("SET", key, pack_attr(attr)))
+
+    def del_attr(self, inode: int) -> None:
+        key = self.k.attr(inode)
+        self._forget(key)
+        self._queue(("DEL", key))
+
+    # --- directory entries --------------------------------------------------------------------
+
+    def get_entry(self, parent: int, name: bytes) -> tuple[int, FileType] | None:
+        dkey = self.k.dir(parent)
+        if self.write:
+            v = self._read1([dkey], ("HGET", dkey, name))
+            return None if v is None else unpack_entry(v)
+        # read-only: fetch the entry's attributes with it (the caller reads them next)
+        reply = self._link.eval_ro(LUA_ENTRY_ATTR, [dkey], [name, self.k.head + "i"])
+        if not reply:
+            return None
+        inode, type = unpack_entry(reply[0])
+        self._cache[self.k.attr(inode)] = reply[1]
+        return inode, type
+
+    def put_entry(self, parent: int, name: bytes, inode: int, type: FileType) -> None:
+        self._queue(("HSET", self.k.dir(parent), name, pack_entry(inode, type)))
+
+    def del_entry(self, parent: int, name: bytes) -> None:
+        self._queue(("HDEL", self.k.dir(parent), name))
+
+    def has_entries(self, parent: int) -> bool:
+        key = self.k.dir(parent)
+        return bool(self._read1([key], ("EXISTS", key)))
+
+    def list_dir(self, parent: int) -> list[tuple[bytes, Attr]]:
+        dkey = self.k.dir(parent)
+        if not self.write:
+            # one round trip, one consistent view: entries and their attributes by a script
+            reply = self._link.eval_ro(
+                LUA_LIST_DIR, [dkey], [self.k.head + "i", LIST_DIR_SCRIPT_MAX]
+            )
+            if reply is not None:
+                return _parse_listing(b"".join(reply))
+        raw = self._read1([dkey], ("HGETALL", dkey))
+        entries = sorted(_pairs(raw))
+        if not entries:
+            return []
+        inodes = [unpack_entry(v)[0] for _, v in entries]
+        keys = [self.k.attr(i) for i in inodes]
+        cmds = [("MGET", *keys[i : i + MGET_BATCH]) for i in range(0, len(keys), MGET_BATCH)]
+        values: list[Any] = []
+        for part in self._read(keys, cmds):
+            values.extend(part)
+        listed: list[tuple[bytes, Attr]] = []
+        for (name, _), inode, data in zip(entries, inodes, values, strict=True):
+            if data is not None:  # else removed by a concurrent unlink after HGETALL
+                listed.append((name, unpack_attr(inode, data)))
+        return listed
+
+    # --- symlinks -----------------------------------------------------------------------------
+
+    def get_symlink(self, inode: int) -> bytes | None:
+        key = self.k.symlink(inode)
+        v = self._read1([key], ("GET", key))
+        return None if v is None else bytes(v)
+
+    def put_symlink(self, inode: int, target: bytes) -> None:
+        self._queue(("SET", self.k.symlink(inode), target))
+
+    def del_symlink(self, inode: int) -> None:
+        self._queue(("DEL", self.k.symlink(inode)))
+
+    # --- chunks and slices --------------------------------------------------------------------
+
+    def get_chunk(self, inode: int, index: int) -> list[Slice]:
+        key = self.k.chunk(inode, index)
+        if key not in self._cache:
+            # the chunks a chunk_indexes() call listed are read together: callers walk them
+            known = self._chunks.get(inode, ())
+            keys = [key]
+            if index in known:
+                pos = known.index(index)
+                keys += [self.k.chunk(inode, i) for i in known[pos + 1 : pos + CHUNK_BATCH]]
+                keys = [k for k in keys if k not in self._cache]
+            self._cache.update(zip(keys, self._read1(keys, ("MGET", *keys)), strict=True))
+        return unpack_slices(self._cache[key])
+
+    def chunk_indexes(self, inode: int) -> list[int]:
+        key = self.k.chunk_set(inode)
+        indexes = sorted(int(i) for i in self._read1([key], ("SMEMBERS", key)))
+        self._chunks[inode] = indexes
+        return indexes
+
+    def put_chunk(self, inode: int, index: int, slices: list[Slice]) -> None:
+        key, index_set = self.k.chunk(inode, index), self.k.chunk_set(inode)
+        self._forget(key, index_set)
+        if slices:
+            self._queue(("SET", key, pack_slices(slices)), ("SADD", index_set, index))
+        else:
+            self._queue(("DEL", key), ("SREM", index_set, index))
+
+    def append_slices(self, inode: int, index: int, slices: list[Slice]) -> None:
+        if slices:
+            self._forget(self.k.chunk(inode, index), self.k.chunk_set(inode))
+            self._queue(
+                ("APPEND", self.k.chunk(inode, index), pack_slices(slices)),
+                ("SADD", self.k.chunk_set(inode), index),
+            )
+
+    def del_chunks(self, inode: int) -> None:
+        head = self.k.chunk(inode, 0)[:-1]  # P:cN_
+        self._forget(self.k.chunk_set(inode), *[k for k in self._cache if k.startswith(head)])
+        self._queue(("EVAL", LUA_DEL_INDEXED, 1, self.k.chunk_set(inode), head))
+
+    def add_slice_refs(self, deltas: Mapping[int, tuple[int, int]]) -> None:
+        if not deltas:
+            return
+        args: list[int] = []
+        for sid in sorted(deltas):
+            size, delta = deltas[sid]
+            args += (sid, size, delta)
+        self._queue(("EVAL", LUA_SLICE_REFS, 2, self.k.refs, self.k.dead, *args))
+
+    def deleted_slices(self, limit: int) -> list[tuple[int, int]]:
+        if limit <= 0:
+            return []
+        members = self._read1([self.k.dead], ("ZRANGE", self.k.dead, 0, limit - 1))
+        out = []
+        for m in members:
+            sid, size = bytes(m).split(b":", 1)
+            out.append((int(sid), int(size)))
+        return out
+
+    def forget_slices(self, ids: list[int]) -> None:
+        for i in range(0, len(ids), 1000):
+            part = ids[i : i + 1000]
+            self._queue(("EVAL", LUA_FORGET_SLICES, 2, self.k.refs, self.k.dead, *part))
+
+    # --- extended attributes ------------------------------------------------------------------
+
+    def get_xattr(self, inode: int, name: bytes) -> bytes | None:
+        key = self.k.xattr(inode)
+        v = self._read1([key], ("HGET", key, name))
+        return None if v is None else bytes(v)
+
+    def put_xattr(self, inode: int, name: bytes, value: bytes) -> None:
+        self._queue(("HSET", self.k.xattr(inode), name, value))
+
+    def del_xattr(self, inode: int, name: bytes) -> None:
+        self._queue(("HDEL", self.k.xattr(inode), name))
+
+    def list_xattrs(self, inode: int) -> list[bytes]:
+        key = self.k.xattr(inode)
+        return sorted(bytes(n) for n in self._read1([key], ("HKEYS", key)))
+
+    def del_xattrs(self, inode: int) -> None:
+        self._queue(("DEL", self.k.xattr(inode)))
+
+    # --- open files ---------------------------------------------------------------------------
+
+    def add_open(self, sid: int, inode: int) -> None:
+        self._queue(("SADD", self.k.open_by(inode), sid), ("SADD", self.k.opens_of(sid), inode))
+
+    def del_open(self, sid: int, inode: int) -> None:
+        self._queue(("SREM", self.k.open_by(inode), sid), ("SREM", self.k.opens_of(sid), inode))
+
+    def open_sessions(self, inode: int) -> list[int]:
+        key = self.k.open_by(inode)
+        return sorted(int(s) for s in self._read1([key], ("SMEMBERS", key)))
+
+    def session_opens(self, sid: int) -> list[int]:
+        key = self.k.opens_of(sid)
+        return sorted(int(i) for i in self._read1([key], ("SMEMBERS", key)))
+
+    def del_session_opens(self, sid: int) -> None:
+        head = self.k.open_by(0)[:-1]  # P:of
+        self._queue(("EVAL", LUA_DEL_SESSION_OPENS, 1, self.k.opens_of(sid), head, sid))
+
+    # --- locks --------------------------------------------------------------------------------
+
+    def get_flocks(self, inode: int) -> list[FlockRec]:
+        key = self.k.flocks(inode)
+        out = []
+        for field, value in _pairs(self._read1([key], ("HGETALL", key))):
+            sid, owner = _split_owner(field)
+            out.append(FlockRec(sid, owner, int(value)))
+        return out
+
+    def put_flock(self, inode: int, sid: int, owner: int, ltype: int) -> None:
+        self._queue(
+            ("HSET", self.k.flocks(inode), _owner_field(sid, owner), ltype),
+            ("SADD", self.k.locks_of(sid), inode),
+        )
+
+    def del_flock(self, inode: int, sid: int, owner: int) -> None:
+        self._queue(("HDEL", self.k.flocks(inode), _owner_field(sid, owner)))
+
+    def get_plocks(self, inode: int) -> dict[tuple[int, int], list[PlockRange]]:
+        key = self.k.plocks(inode)
+        out: dict[tuple[int, int], list[PlockRange]] = {}
+        for field, value in sorted(_pairs(self._read1([key], ("HGETALL", key)))):
+            ranges = unpack_plocks(value)
+            if ranges:
+                out[_split_owner(field)] = sorted(ranges, key=lambda r: r.start)
+        return dict(sorted(out.items()))
+
+    def put_plocks(self, inode: int, sid: int, owner: int, ranges: list[PlockRange]) -> None:
+        key, field = self.k.plocks(inode), _owner_field(sid, owner)
+        if ranges:
+            data = pack_plocks(sorted(ranges, key=lambda r: r.start))
+            self._queue(("HSET", key, field, data), ("SADD", self.k.locks_of(sid), inode))
+        else:
+            self._queue(("HDEL", key, field))
+
+    def del_locks(self, sid: int, inode: int | None = None) -> None:
+        self._queue(
+            (
+                "EVAL",
+                LUA_DEL_LOCKS,
+                1,
+                self.k.locks_of(sid),
+                self.k.head,
+                sid,
+                "" if inode is None else inode,
+            )
+        )
+
+    # --- sessions -----------------------------------------------------------------------------
+
+    def put_session(self, sid: int, heartbeat_ns: int, info: str) -> None:
+        self._queue(
+            ("ZADD", self.k.sessions, heartbeat_ns, sid),
+            ("HSET", self.k.sessinfo, sid, info),
+        )
+
+    def touch_session(self, sid: int, heartbeat_ns: int) -> None:
+        self._queue(("ZADD", self.k.sessions, "XX", heartbeat_ns, sid))
+
+    def get_session(self, sid: int) -> SessionRec | None:
+        score, info = self._read(
+            [self.k.sessions, self.k.sessinfo],
+            [("ZSCORE", self.k.sessions, sid), ("HGET", self.k.sessinfo, sid)],
+        )
+        if score is None:
+            return None
+        return SessionRec(sid, int(float(score)), "" if info is None else bytes(info).decode())
+
+    def del_session(self, sid: int) -> None:
+        self._queue(("ZREM", self.k.sessions, sid), ("HDEL", self.k.sessinfo, sid))
+
+    def list_sessions(self) -> list[SessionRec]:
+        scored, infos = self._read(
+            [self.k.sessions, self.k.sessinfo],
+            [("ZRANGE", self.k.sessions, 0, -1, "WITHSCORES"), ("HGETALL", self.k.sessinfo)],
+        )
+        info = {int(k): bytes(v).decode() for k, v in _pairs(infos)}
+        out = []
+        for member, score in _pairs(scored):
+            sid = int(member)
+            out.append(SessionRec(sid, int(float(score)), info.get(sid, "")))
+        return out
+
+    # --- trash --------------------------------------------------------------------------------
+
+    def put_trash(self, inode: int, deleted_ns: int) -> None:
+        self._queue(
+            ("ZADD", self.k.trash, deleted_ns, inode),
+            ("HSET", self.k.trash_time, inode, deleted_ns),
+        )
+
+    def del_trash(self, inode: int) -> None:
+        self._queue(("ZREM", self.k.trash, inode), ("HDEL", self.k.trash_time, inode))
+
+    def expired_trash(self, before_ns: int, limit: int) -> list[int]:
+        if limit <= 0:
+            return []
+        # scores are doubles: x < before implies float(x) <= float(before); exact times decide
+        keys = [self.k.trash, self.k.trash_time]
+        members = self._read1(
+            keys, ("ZRANGEBYSCORE", self.k.trash, "-inf", before_ns, "LIMIT", 0, limit)
+        )
+        if not members:
+            return []
+        times = self._read(keys, [("HMGET", self.k.trash_time, *members)])[0]
+        return [int(m) for m, t in zip(members, times, strict=True) if t and int(t) < before_ns]
+
+    def trash_count(self) -> int:
+        return int(self._read1([self.k.trash], ("ZCARD", self.k.trash)))
+
+
+def _parse_listing(data: bytes) -> list[tuple[bytes, Attr]]:
+    """Parse what ``LUA_LIST_DIR`` returns (its strings joined), sorted by name. Written for
+    speed: this runs once per entry of every listing."""
+    out: list[tuple[bytes, Attr]] = []
+    append = out.append
+    unpack_from = _LISTING_HEAD.unpack_from
+    head = _LISTING_HEAD.size
+    types = _TYPES
+    pos, end = 0, len(data)
+    while pos < end:
+        f = unpack_from(data, pos)  # name length, entry length, then the attribute record
+        e = pos + head + f[1]
+        inode = int(data[pos + head + 1 : e])
+        if f[2] != ATTR_VERSION or f[3] not in types:
+            raise MetaUnavailable(f"inode {inode}: attribute record of an unknown format")
+        attr = Attr(inode, types[f[3]], *f[4:])
+        append((data[e : e + f[0]], attr))
+        pos = e + f[0]
+    out.sort(key=lambda entry: entry[0])
+    return out
+
+
+def _pairs(flat: list[Any]) -> list[tuple[Any, Any]]:
+    """A flat RESP2 reply ``[k1, v1, k2, v2, ...]`` as a list of pairs."""
+    it = iter(flat)
+    return list(zip(it, it, strict=True))
+
+
+def _checked(replies: list[Any]) -> list[Any]:
+    """Raise the first error reply (an unexpected one: wrong key type, out of memory, ...)."""
+    for r in replies:
+        if isinstance(r, ResponseError):
+            raise r
+    return replies
