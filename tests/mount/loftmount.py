@@ -126,7 +126,7 @@ class Stack:
         )
 
 
-STACKS = ("sqlite+file", "redis+s3", "postgres+s3")
+STACKS = tuple(f"{m}+{o}" for m in ("sqlite", "redis", "postgres") for o in ("file", "s3"))
 STACK = Stack()  # replaced by the session fixture when LOFT_TEST_STACK names another stack
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from loftfs.chunk.datapath import DataPath, ReadState
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 O_ACCMODE = os.O_ACCMODE
 XATTR_SIZE_MAX = 65536
 SEEN_MAX = 100_000
+OPEN_LOCK_STRIPES = 256
 
 
 @dataclass
@@ -82,6 +84,10 @@ class VFS:
         # unchanged file keeps that cache. Bounded, oldest forgotten first.
         self._seen: OrderedDict[int, tuple[int, int]] = OrderedDict()
         self._lock = threading.Lock()
+        # Serialise, per inode, the first open and the last release of this mount with their
+        # metadata calls: otherwise a release finishing late could drop the open record of an
+        # open that overtook it (and a rename over the file would then delete its data).
+        self._open_locks = [threading.RLock() for _ in range(OPEN_LOCK_STRIPES)]
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -252,8 +258,9 @@ class VFS:
         """Open ``inode``; returns (fh, keep_cache, attr)."""
         if flags & O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self._check_writable()
-        attr = self.meta.open(ctx, inode, flags)
-        fh, keep = self._register_open(attr, flags)
+        with self._open_lock(inode):
+            attr = self.meta.open(ctx, inode, flags)
+            fh, keep = self._register_open(attr, flags)
         if flags & os.O_TRUNC and attr.type == FileType.FILE:
             try:
                 attr = self._truncate(ctx, inode, 0, check_perm=False)
@@ -349,20 +356,24 @@ class VFS:
             if h.written:
                 self._commit(inode)
         finally:
-            with self._lock:
-                st = self._inodes.get(inode)
-                last = st is None or st.opens <= 1
-                if st is not None:
-                    st.opens -= 1
+            with self._open_lock(inode):
+                with self._lock:
+                    st = self._inodes.get(inode)
+                    last = st is None or st.opens <= 1
+                    if st is not None:
+                        st.opens -= 1
+                    if last:
+                        self._inodes.pop(inode, None)
                 if last:
-                    self._inodes.pop(inode, None)
-            if last:
-                try:
-                    self.data.flush(inode)
-                finally:
-                    self.data.release_writer(inode)
-                    # meta tracks opens per (session, inode): only the last handle releases.
-                    self.meta.release(inode)
+                    try:
+                        self.data.flush(inode)
+                    finally:
+                        self.data.release_writer(inode)
+                        # meta tracks opens per (session, inode): only the last handle releases.
+                        self.meta.release(inode)
+
+    def _open_lock(self, inode: int) -> threading.RLock:
+        return self._open_locks[inode % OPEN_LOCK_STRIPES]
 
     def fallocate(self, ctx: Ctx, fh: int, mode: int, offset: int, length: int) -> None:
         h = self._file(fh)
@@ -422,9 +433,12 @@ class VFS:
             self._dirs[fh] = DirHandle(inode, self_attr=attr)
         return fh
 
-    def readdir(self, ctx: Ctx, fh: int, offset: int) -> list[tuple[bytes, Attr]]:
+    def readdir(self, ctx: Ctx, fh: int, offset: int) -> Iterator[tuple[bytes, Attr]]:
         """Entries from index ``offset`` on, ``.`` and ``..`` first. The listing is taken once
-        per handle (at offset 0) so that paging through a changing directory stays stable."""
+        per handle (at offset 0) so that paging through a changing directory stays stable.
+
+        The metadata is read here; the entries are produced lazily, so a reply page that holds
+        200 entries of a large directory converts 200, not the whole listing."""
         h = self._dirs.get(fh)
         if h is None:
             raise FSError(errno.EBADF)
@@ -434,14 +448,20 @@ class VFS:
             except FSError as e:
                 if e.errno != errno.ENOENT:
                     raise
-                return []  # removed while open: empty, as on a local file system
+                return iter(())  # removed while open: empty, as on a local file system
             h.self_attr = self.meta.getattr(h.inode)
             parent = h.self_attr.parent or h.inode
             h.parent_attr = self.meta.getattr(parent) if parent != h.inode else h.self_attr
         assert h.self_attr is not None and h.parent_attr is not None
-        listing: list[tuple[bytes, Attr]] = [(b".", h.self_attr), (b"..", h.parent_attr)]
-        listing.extend((e.name, self._with_dirty(e.attr)) for e in h.entries)
-        return listing[offset:]
+        dots: list[tuple[bytes, Attr]] = [(b".", h.self_attr), (b"..", h.parent_attr)]
+        return self._entries_from(dots[offset:], h.entries[max(0, offset - 2) :])
+
+    def _entries_from(
+        self, dots: list[tuple[bytes, Attr]], entries: list[DirEntry]
+    ) -> Iterator[tuple[bytes, Attr]]:
+        yield from dots
+        for e in entries:
+            yield e.name, self._with_dirty(e.attr)
 
     def releasedir(self, fh: int) -> None:
         with self._lock:
