@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from loftcli import Volume, bucket_files, check_clean_error, loft, loft_process, ok
 
-from loftfs.cli.format import VOLUME_MARKER
+from loftfs.object import VOLUME_MARKER
 
 
 def test_format_creates_volume_and_marker(meta_url: str, bucket: Path) -> None:

@@ -233,7 +233,7 @@ def test_retry_resumes_listing(raw: FileObjectStore) -> None:
 
 
 def test_create_storage(tmp_path: Path) -> None:
-    assert storage_names() == ["file"]
+    assert storage_names() == ["file", "s3"]
     store = create_storage("file", str(tmp_path / "b"), compress="zstd")
     store.create()
     store.put("x", b"y" * 1000)

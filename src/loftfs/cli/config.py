@@ -1,4 +1,5 @@
-"""``loft config``: change the settings that can change safely (quotas, trash).
+"""``loft config``: change the settings that can change safely (quotas, trash, the secret of an
+encrypted volume).
 
 What identifies the volume or decides how its data is laid out (name, uuid, storage, bucket,
 block size, compression) is fixed at format time: changing it would orphan or misread every
@@ -27,6 +28,13 @@ from loftfs.cli.common import (
 from loftfs.cli.status import settings_dict
 from loftfs.errors import ConfigError
 from loftfs.meta.types import VolumeSettings
+from loftfs.object.encrypt import (
+    describe_record,
+    read_key_file,
+    read_passphrase_file,
+    rewrap_record,
+    secret_from_sources,
+)
 from loftfs.utils import format_size, parse_size
 
 _IMMUTABLE_REASON = {
@@ -39,7 +47,9 @@ _IMMUTABLE_REASON = {
 }
 
 
-def _show(value: int, field: str) -> str:
+def _show(value: Any, field: str) -> str:
+    if field == "encryption":
+        return describe_record(value)
     if field == "capacity":
         return format_size(value) if value else "unlimited"
     if field == "inodes":
@@ -61,6 +71,35 @@ def config_cmd(
     ] = None,
     trash_days: Annotated[
         int | None, typer.Option("--trash-days", help="Keep deleted files N days (0: off)")
+    ] = None,
+    new_passphrase_file: Annotated[
+        str | None,
+        typer.Option(
+            "--new-passphrase-file",
+            metavar="FILE",
+            help="Encrypted volume: protect its data key with the passphrase in FILE from now "
+            "on (the current secret is needed too; no data is rewritten)",
+        ),
+    ] = None,
+    new_key_file: Annotated[
+        str | None,
+        typer.Option(
+            "--new-key-file",
+            metavar="FILE",
+            help="Encrypted volume: protect its data key with the key in FILE from now on",
+        ),
+    ] = None,
+    encrypt_passphrase_file: Annotated[
+        str | None,
+        typer.Option(
+            "--encrypt-passphrase-file",
+            metavar="FILE",
+            help="The current passphrase, in FILE (or LOFT_ENCRYPT_PASSPHRASE)",
+        ),
+    ] = None,
+    encrypt_key_file: Annotated[
+        str | None,
+        typer.Option("--encrypt-key-file", metavar="FILE", help="The current key file"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the settings as JSON")] = False,
     name: Annotated[str | None, typer.Option("--name", hidden=True)] = None,
@@ -91,8 +130,30 @@ def config_cmd(
         changes["inodes"] = non_negative(inodes, "--inodes")
     if trash_days is not None:
         changes["trash_days"] = non_negative(trash_days, "--trash-days")
+    if new_passphrase_file and new_key_file:
+        raise ConfigError("give --new-passphrase-file or --new-key-file, not both")
+    new_secret = None
+    if new_passphrase_file:
+        new_secret = read_passphrase_file(new_passphrase_file)
+    elif new_key_file:
+        new_secret = read_key_file(new_key_file)
 
     with open_volume(meta_url) as (meta, before):
+        if new_secret is not None:
+            if not before.encryption:
+                raise ConfigError(
+                    f"volume '{before.name}' is not encrypted: encryption is chosen at format "
+                    "(its blocks are stored in the clear)"
+                )
+            old_secret = secret_from_sources(encrypt_passphrase_file, encrypt_key_file)
+            if old_secret is None:
+                raise ConfigError(
+                    "changing the secret needs the current one too (--encrypt-passphrase-file, "
+                    "LOFT_ENCRYPT_PASSPHRASE or --encrypt-key-file)"
+                )
+            changes["encryption"] = rewrap_record(
+                before.encryption, old_secret, new_secret, before.uuid, before.name
+            )
         after = dataclasses.replace(before, **changes)
         changed = [f for f in changes if getattr(before, f) != getattr(after, f)]
         if changed:
@@ -139,6 +200,7 @@ def _settings_table(s: VolumeSettings, meta_url: str) -> Table:
         ("storage", f"{s.storage} {redact_url(s.bucket)}"),
         ("block size", format_size(s.block_size)),
         ("compression", s.compress),
+        ("encryption", describe_record(s.encryption)),
         ("capacity", _show(s.capacity, "capacity")),
         ("inodes", _show(s.inodes, "inodes")),
         ("trash days", _show(s.trash_days, "trash_days")),

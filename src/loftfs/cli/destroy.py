@@ -98,7 +98,7 @@ def destroy_cmd(
             f"data in {settings.storage} {redact_url(settings.bucket)}?"
         ):
             raise LoftError("aborted: nothing was deleted (--yes skips the question)")
-        store = open_volume_storage(settings)
+        store = open_volume_storage(settings, need_data=False)  # deletes only: no key needed
         try:
             try:
                 deleted = delete_volume_objects(

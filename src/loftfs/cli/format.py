@@ -37,12 +37,20 @@ from loftfs.errors import (
     VolumeExists,
 )
 from loftfs.meta.types import CHUNK_SIZE, VolumeSettings
+from loftfs.object import marker_key
+from loftfs.object.encrypt import (
+    VolumeSecret,
+    check_new_secret,
+    describe_record,
+    new_record,
+    secret_from_sources,
+    unlock,
+)
 from loftfs.object.interface import ObjectStore
 from loftfs.utils import format_size, parse_size
 
 MIN_BLOCK_SIZE = 64 << 10
 MAX_BLOCK_SIZE = CHUNK_SIZE  # a block never spans chunks
-VOLUME_MARKER = ".loftfs-volume"  # <uuid>/.loftfs-volume: "this bucket holds that volume"
 _PROBE_PREFIX = ".loftfs-probe-"
 _NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,61})[a-z0-9]$")
 
@@ -51,10 +59,6 @@ class Compression(StrEnum):
     none = "none"
     lz4 = "lz4"
     zstd = "zstd"
-
-
-def marker_key(volume_uuid: str) -> str:
-    return f"{volume_uuid}/{VOLUME_MARKER}"
 
 
 def validate_name(name: str) -> str:
@@ -77,12 +81,64 @@ def validate_block_size(text: str) -> int:
 
 
 def normalize_bucket(storage: str, bucket: str) -> str:
-    """A local bucket is stored as an absolute path: mounts may run from another directory."""
+    """A local bucket is stored as an absolute path: mounts may run from another directory.
+    An s3 bucket is stored as its canonical URL (``s3://bucket/prefix`` or
+    ``http(s)://host:port/bucket/prefix``); ``ConfigError`` when it is malformed."""
     if not bucket:
         raise ConfigError("--bucket must not be empty")
     if storage == "file" and "://" not in bucket:
         return os.path.abspath(os.path.expanduser(bucket))
+    if storage == "s3":
+        from loftfs.object.s3 import canonical_url
+
+        return canonical_url(bucket)
     return bucket
+
+
+_S3_URL = re.compile(r"^(s3|https?)://", re.IGNORECASE)
+
+
+def infer_storage(storage: str, bucket: str) -> str:
+    """``s3`` for an ``s3://`` or ``http(s)://`` bucket given without ``--storage``."""
+    if storage == "file" and _S3_URL.match(bucket.strip()):
+        return "s3"
+    return storage
+
+
+def storage_flags(
+    storage: str,
+    *,
+    access_key: str | None,
+    secret_key: str | None,
+    region: str | None,
+    endpoint: str | None,
+    store_credentials: bool,
+) -> tuple[dict[str, object], dict[str, object]]:
+    """The backend options to open the store with, and those the settings keep for mounts
+    (the keys only with ``store_credentials``). Empty for the file backend, which refuses
+    the s3 flags (``ConfigError``)."""
+    given = {
+        "access_key": (access_key or "").strip(),
+        "secret_key": (secret_key or "").strip(),
+        "region": (region or "").strip(),
+        "endpoint": (endpoint or "").strip(),
+    }
+    given = {k: v for k, v in given.items() if v}
+    if storage != "s3":
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
+            raise ConfigError(f"{flags} apply to --storage s3 only")
+        return {}, {}
+    if bool(given.get("access_key")) != bool(given.get("secret_key")):
+        raise ConfigError(
+            "give both --access-key and --secret-key (or LOFT_SECRET_KEY), or neither"
+        )
+    opened: dict[str, object] = dict(given)
+    stored: dict[str, object] = dict(given)
+    if not store_credentials:
+        stored.pop("access_key", None)
+        stored.pop("secret_key", None)
+    return opened, stored
 
 
 def _storage_error(store_desc: str, e: BaseException) -> ConfigError:
@@ -164,6 +220,7 @@ def summary_rows(
         ("storage", storage_desc),
         ("block size", format_size(settings.block_size)),
         ("compression", settings.compress),
+        ("encryption", describe_record(settings.encryption)),
         ("capacity", format_size(settings.capacity) if settings.capacity else "unlimited"),
         ("inodes", str(settings.inodes) if settings.inodes else "unlimited"),
         ("trash days", str(settings.trash_days) if settings.trash_days else "off"),
@@ -181,9 +238,49 @@ def format_cmd(
         str, typer.Argument(metavar="NAME", help="Volume name: 3-63 characters a-z, 0-9, '-'")
     ],
     bucket: Annotated[
-        str, typer.Option("--bucket", help="Where data objects go (a directory for --storage file)")
+        str,
+        typer.Option(
+            "--bucket",
+            help="Where data objects go: a directory, s3://bucket/[PREFIX] or "
+            "http(s)://host:port/bucket/[PREFIX]",
+        ),
     ],
-    storage: Annotated[str, typer.Option("--storage", help="Object storage type")] = "file",
+    storage: Annotated[
+        str, typer.Option("--storage", help="Object storage type: file or s3 (implied by URLs)")
+    ] = "file",
+    access_key: Annotated[
+        str | None,
+        typer.Option(
+            "--access-key",
+            envvar="LOFT_ACCESS_KEY",
+            help="s3: access key (else AWS_ACCESS_KEY_ID, an AWS profile or role)",
+        ),
+    ] = None,
+    secret_key: Annotated[
+        str | None,
+        typer.Option(
+            "--secret-key",
+            envvar="LOFT_SECRET_KEY",
+            show_envvar=True,
+            help="s3: secret key; prefer the environment variable, which no process list shows",
+        ),
+    ] = None,
+    region: Annotated[
+        str | None, typer.Option("--region", help="s3: the bucket's region (default us-east-1)")
+    ] = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint", help="s3: endpoint URL for s3://bucket, e.g. https://minio.local:9000"
+        ),
+    ] = None,
+    store_credentials: Annotated[
+        bool,
+        typer.Option(
+            "--store-credentials/--no-store-credentials",
+            help="s3: keep the given keys in the volume's settings, so mounts need none",
+        ),
+    ] = True,
     block_size: Annotated[
         str,
         typer.Option("--block-size", help="Size of data blocks (objects): a power of two, 64K-64M"),
@@ -205,17 +302,46 @@ def format_cmd(
             help="Succeed without changes if this volume (same name, storage, bucket) exists",
         ),
     ] = False,
+    encrypt_passphrase_file: Annotated[
+        str | None,
+        typer.Option(
+            "--encrypt-passphrase-file",
+            metavar="FILE",
+            help="Encrypt data blocks (AES-256-GCM) under a key that the passphrase in FILE "
+            "protects (or set LOFT_ENCRYPT_PASSPHRASE); mounts need the same passphrase",
+        ),
+    ] = None,
+    encrypt_key_file: Annotated[
+        str | None,
+        typer.Option(
+            "--encrypt-key-file",
+            metavar="FILE",
+            help="Encrypt data blocks under a key that the 32-byte key in FILE (raw or 64 hex "
+            "digits) protects; mounts need the same file",
+        ),
+    ] = None,
 ) -> None:
     """Create a volume: settings in META_URL, data objects in the bucket."""
     from loftfs.object import create_storage
 
-    storage = storage.lower()
+    storage = infer_storage(storage.lower(), bucket)
+    storage_options, stored_options = storage_flags(
+        storage,
+        access_key=access_key,
+        secret_key=secret_key,
+        region=region,
+        endpoint=endpoint,
+        store_credentials=store_credentials,
+    )
     validate_name(name)
     block = validate_block_size(block_size)
     quota = parse_size(capacity)
     non_negative(inodes, "--inodes")
     non_negative(trash_days, "--trash-days")
     bucket = normalize_bucket(storage, bucket)
+    secret = secret_from_sources(encrypt_passphrase_file, encrypt_key_file)
+    if secret is not None:
+        check_new_secret(secret)
 
     with meta_session(meta_url) as meta:
         try:
@@ -223,10 +349,10 @@ def format_cmd(
         except NotFormatted:
             existing = None
         if existing is not None:
-            _report_existing(existing, meta_url, name, storage, bucket, if_missing)
+            _report_existing(existing, meta_url, name, storage, bucket, if_missing, secret)
             return
 
-        store = create_storage(storage, bucket, compress="none")
+        store = create_storage(storage, bucket, compress="none", **storage_options)
         try:
             check_storage(store)
             others = existing_volumes(store)
@@ -247,7 +373,10 @@ def format_cmd(
                 inodes=inodes,
                 trash_days=trash_days,
                 created_ns=time.time_ns(),
+                storage_options=stored_options,
             )
+            if secret is not None:
+                settings.encryption, _ = new_record(secret, settings.uuid)
             marker = marker_key(settings.uuid)
             try:
                 store.put(marker, marker_content(settings, meta_url))
@@ -281,6 +410,7 @@ def _report_existing(
     storage: str,
     bucket: str,
     if_missing: bool,
+    secret: VolumeSecret | None = None,
 ) -> None:
     where = redact_url(meta_url)
     if not if_missing:
@@ -293,4 +423,16 @@ def _report_existing(
             f"a different volume ('{existing.name}' on {existing.storage} {existing.bucket}) "
             f"exists at {where}; nothing was changed"
         )
+    if bool(existing.encryption) != (secret is not None):
+        raise LoftError(
+            f"volume '{existing.name}' exists at {where} "
+            + (
+                "encrypted, but no passphrase or key was given"
+                if existing.encryption
+                else "unencrypted, but a passphrase or key was given"
+            )
+            + "; nothing was changed"
+        )
+    if secret is not None:
+        unlock(existing.encryption, secret, existing.uuid, existing.name)  # a wrong one: error
     say(f"Volume {existing.name} ({existing.uuid}) already exists at {where}; nothing changed")

@@ -27,7 +27,7 @@ def gc_cmd(
     from loftfs.object import open_volume_storage
 
     with open_volume(meta_url) as (meta, settings):
-        store = open_volume_storage(settings)
+        store = open_volume_storage(settings, need_data=False)  # deletes only: no key needed
         try:
             result = BlockGC(meta, store, settings.uuid, settings.block_size, 0).collect()
         except (ObjectStoreError, OSError) as e:

@@ -18,6 +18,7 @@ from loftfs.cli.common import cell, kv_table, open_volume, plural, print_json, s
 from loftfs.errors import ConfigError, FSError, LoftError
 from loftfs.meta.interface import Meta
 from loftfs.meta.types import CHUNK_SIZE, Ctx, FileType, VolumeSettings
+from loftfs.object.encrypt import describe_record
 from loftfs.utils import format_size
 
 
@@ -103,6 +104,7 @@ def info_cmd(
     data["path"] = os.path.abspath(path)
     data["mountpoint"] = root
     data["volume"] = settings.name
+    data["encryption"] = describe_record(settings.encryption)  # never key material
     if as_json:
         print_json(data)
         return
@@ -110,6 +112,7 @@ def info_cmd(
     rows: list[tuple[str, Any]] = [
         ("path", data["path"]),
         ("volume", f"{settings.name} (mounted at {root})"),
+        ("encryption", data["encryption"]),
         ("inode", data["inode"]),
         ("type", data["type"]),
         ("mode", f"{data['mode']} ({data['permissions']})"),

@@ -14,10 +14,13 @@ from loftfs import __version__
 from loftfs.cli.common import LoftGroup, state
 from loftfs.cli.config import config_cmd
 from loftfs.cli.destroy import destroy_cmd
+from loftfs.cli.dump import dump_cmd
 from loftfs.cli.format import format_cmd
 from loftfs.cli.gc import gc_cmd
 from loftfs.cli.info import info_cmd
+from loftfs.cli.load import load_cmd
 from loftfs.cli.mount import mount_cmd
+from loftfs.cli.objbench import objbench_cmd
 from loftfs.cli.status import status_cmd
 from loftfs.cli.umount import umount_cmd
 
@@ -69,6 +72,9 @@ app.command("info")(info_cmd)
 app.command("config")(config_cmd)
 app.command("destroy")(destroy_cmd)
 app.command("gc")(gc_cmd)
+app.command("dump")(dump_cmd)
+app.command("load")(load_cmd)
+app.command("objbench")(objbench_cmd)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from loftfs.cli.common import (
     setup_logging,
 )
 from loftfs.errors import ConfigError, LoftError
+from loftfs.object.encrypt import ENV_PASSPHRASE, VolumeSecret, secret_from_sources
 from loftfs.utils import parse_size
 from loftfs.vfs.options import FUSE_BINDINGS, MountOptions
 
@@ -125,8 +126,17 @@ def build_options(
     )
 
 
-def child_args(meta_url: str, mountpoint: str, opts: MountOptions, ready_fd: int) -> list[str]:
-    """The foreground command the background mount runs, with every option spelled out."""
+def child_args(
+    meta_url: str,
+    mountpoint: str,
+    opts: MountOptions,
+    ready_fd: int,
+    *,
+    secret_fd: int | None = None,
+) -> list[str]:
+    """The foreground command the background mount runs, with every option spelled out. An
+    encrypted volume's secret travels through the pipe ``secret_fd``, never on the command
+    line."""
     args = [sys.executable, "-m", "loftfs.cli.main"]
     if debug_enabled():
         args.append("--verbose")
@@ -163,7 +173,37 @@ def child_args(meta_url: str, mountpoint: str, opts: MountOptions, ready_fd: int
         args.append("--read-only")
     if opts.fuse_options:
         args += ["-o", ",".join(opts.fuse_options)]
+    if secret_fd is not None:
+        args += ["--secret-fd", str(secret_fd)]
     return args
+
+
+def _secret_pipe(secret: VolumeSecret) -> int:
+    """A pipe already holding the secret and closed for writing; returns its read end. The
+    secret is far below the pipe's buffer, so the write never blocks."""
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, secret.to_wire())
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    return read_fd
+
+
+def read_secret_fd(fd: int) -> VolumeSecret:
+    """The secret the parent of a background mount wrote into pipe ``fd`` (then closed)."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError as e:
+        raise ConfigError(f"cannot read the volume secret from fd {fd}: {e.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return VolumeSecret.from_wire(b"".join(chunks))
 
 
 def _last_log_line(log_path: str) -> str:
@@ -221,7 +261,12 @@ def _stop(child: subprocess.Popen[bytes], mountpoint: str) -> bool:
 
 
 def mount_in_background(
-    meta_url: str, mountpoint: str, opts: MountOptions, log_path: str, ready_timeout: float
+    meta_url: str,
+    mountpoint: str,
+    opts: MountOptions,
+    log_path: str,
+    ready_timeout: float,
+    secret: VolumeSecret | None = None,
 ) -> int:
     """Start the mount as a detached child; return its pid once the mount answers."""
     log_path = os.path.abspath(log_path)
@@ -231,19 +276,34 @@ def mount_in_background(
     except OSError as e:
         raise ConfigError(f"cannot write the log file {log_path}: {e.strerror}") from e
     read_fd, write_fd = os.pipe()
+    secret_fd = -1
     try:
         with log_file:
+            if secret is not None:
+                secret_fd = _secret_pipe(secret)
             child = subprocess.Popen(
-                child_args(meta_url, mountpoint, opts, write_fd),
+                child_args(
+                    meta_url,
+                    mountpoint,
+                    opts,
+                    write_fd,
+                    secret_fd=secret_fd if secret_fd >= 0 else None,
+                ),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
-                pass_fds=(write_fd,),
+                pass_fds=(write_fd, secret_fd) if secret_fd >= 0 else (write_fd,),
+                # the passphrase, if any, went into the pipe: the long-lived process's
+                # environment (/proc/PID/environ) does not keep a copy
+                env={k: v for k, v in os.environ.items() if k != ENV_PASSPHRASE},
                 start_new_session=True,  # the caller's cwd is kept: URLs may be relative
                 close_fds=True,
             )
         os.close(write_fd)
         write_fd = -1
+        if secret_fd >= 0:
+            os.close(secret_fd)
+            secret_fd = -1
         try:
             status = _read_status(read_fd, time.monotonic() + ready_timeout)
         except BaseException:
@@ -253,6 +313,8 @@ def mount_in_background(
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)
+        if secret_fd >= 0:
+            os.close(secret_fd)
 
     if status == READY:
         return child.pid
@@ -299,7 +361,11 @@ class ReadyPipe:
 
 
 def run_foreground(
-    meta_url: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
+    meta_url: str,
+    mountpoint: str,
+    opts: MountOptions,
+    ready_fd: int | None,
+    secret: VolumeSecret | None = None,
 ) -> None:
     """Serve the mount in this process; tell the waiting parent (if any) how it went."""
     from loftfs.fuse.mount import run_mount
@@ -310,7 +376,7 @@ def run_foreground(
         pipe.send(READY)
 
     try:
-        run_mount(meta_url, mountpoint, opts, on_ready=on_ready)
+        run_mount(meta_url, mountpoint, opts, on_ready=on_ready, secret=secret)
     except LoftError as e:
         pipe.send(ERROR_PREFIX + one_line(str(e)).encode())
         raise
@@ -318,6 +384,30 @@ def run_foreground(
         pipe.send(ERROR_PREFIX + one_line(f"unexpected {type(e).__name__}: {e}").encode())
         raise
     pipe.send(ERROR_PREFIX + b"the mount process stopped before the mount was ready")
+
+
+def export_storage_credentials(
+    access_key: str | None, secret_key: str | None, session_token: str | None
+) -> None:
+    """Object-store credentials given to ``mount`` replace the volume's stored ones: they go
+    into this process's environment (``LOFT_ACCESS_KEY``...), where ``open_volume_storage``
+    reads them and a background mount inherits them, never onto a command line."""
+    values = {
+        "LOFT_ACCESS_KEY": (access_key or "").strip(),
+        "LOFT_SECRET_KEY": (secret_key or "").strip(),
+        "LOFT_SESSION_TOKEN": (session_token or "").strip(),
+    }
+    if not any(values.values()):
+        return
+    if not (values["LOFT_ACCESS_KEY"] and values["LOFT_SECRET_KEY"]):
+        raise ConfigError(
+            "give both --access-key and --secret-key (or LOFT_ACCESS_KEY and LOFT_SECRET_KEY)"
+        )
+    for name, value in values.items():
+        if value:
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
 
 
 def mount_cmd(
@@ -384,7 +474,51 @@ def mount_cmd(
     ready_timeout: Annotated[
         float, typer.Option("--ready-timeout", help="With -d: seconds to wait for the mount")
     ] = 60.0,
+    encrypt_passphrase_file: Annotated[
+        str | None,
+        typer.Option(
+            "--encrypt-passphrase-file",
+            metavar="FILE",
+            help="Passphrase of an encrypted volume, in FILE (or set LOFT_ENCRYPT_PASSPHRASE)",
+        ),
+    ] = None,
+    encrypt_key_file: Annotated[
+        str | None,
+        typer.Option(
+            "--encrypt-key-file",
+            metavar="FILE",
+            help="Key file of an encrypted volume (32 raw bytes or 64 hex digits)",
+        ),
+    ] = None,
+    access_key: Annotated[
+        str | None,
+        typer.Option(
+            "--access-key",
+            envvar="LOFT_ACCESS_KEY",
+            help="s3: access key to use instead of the one stored at format",
+        ),
+    ] = None,
+    secret_key: Annotated[
+        str | None,
+        typer.Option(
+            "--secret-key",
+            envvar="LOFT_SECRET_KEY",
+            show_envvar=True,
+            help="s3: secret key to use instead of the stored one; prefer the environment "
+            "variable, which no process list shows",
+        ),
+    ] = None,
+    session_token: Annotated[
+        str | None,
+        typer.Option(
+            "--session-token",
+            envvar="LOFT_SESSION_TOKEN",
+            show_envvar=True,
+            help="s3: session token of temporary credentials (with --access-key/--secret-key)",
+        ),
+    ] = None,
     ready_fd: Annotated[int | None, typer.Option("--ready-fd", hidden=True)] = None,
+    secret_fd: Annotated[int | None, typer.Option("--secret-fd", hidden=True)] = None,
 ) -> None:
     """Mount a volume. Runs until unmounted ('loft umount'); with -d, in the background."""
     opts = build_options(
@@ -403,14 +537,20 @@ def mount_cmd(
         fuse_binding=fuse_binding,
     )
     meta_url = absolute_meta_url(meta_url)
+    export_storage_credentials(access_key, secret_key, session_token)
+    secret: VolumeSecret | None
+    if secret_fd is not None:  # the background child: the parent read the secret already
+        secret = read_secret_fd(secret_fd)
+    else:
+        secret = secret_from_sources(encrypt_passphrase_file, encrypt_key_file)
     if background:
         if ready_timeout <= 0:
             raise ConfigError(f"--ready-timeout must be more than 0, not {ready_timeout}")
         log_path = log or default_log_path(mountpoint)
-        pid = mount_in_background(meta_url, mountpoint, opts, log_path, ready_timeout)
+        pid = mount_in_background(meta_url, mountpoint, opts, log_path, ready_timeout, secret)
         say(
             f"Mounted at {os.path.abspath(mountpoint)} (pid {pid}, log {os.path.abspath(log_path)})"
         )
         return
     setup_logging(log)
-    run_foreground(meta_url, mountpoint, opts, ready_fd)
+    run_foreground(meta_url, mountpoint, opts, ready_fd, secret)

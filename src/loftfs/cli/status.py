@@ -22,6 +22,7 @@ from loftfs.cli.common import (
     stdout_console,
 )
 from loftfs.meta.types import SessionInfo, VolumeSettings
+from loftfs.object.encrypt import describe_record, public_record
 from loftfs.utils import format_size
 
 
@@ -32,8 +33,10 @@ def settings_dict(settings: VolumeSettings) -> dict[str, Any]:
         "uuid": settings.uuid,
         "storage": settings.storage,
         "bucket": redact_url(settings.bucket),
+        "storage_options": public_extra(settings.storage_options),  # keys masked
         "block_size": settings.block_size,
         "compress": settings.compress,
+        "encryption": public_record(settings.encryption),  # no salt, no wrapped key
         "capacity": settings.capacity,
         "inodes": settings.inodes,
         "trash_days": settings.trash_days,
@@ -92,8 +95,10 @@ def status_cmd(
                 ("uuid", s.uuid),
                 ("metadata", redact_url(meta_url)),
                 ("storage", f"{s.storage} {redact_url(s.bucket)}"),
+                *[(f"storage.{k}", v) for k, v in public_extra(s.storage_options).items()],
                 ("block size", format_size(s.block_size)),
                 ("compression", s.compress),
+                ("encryption", describe_record(s.encryption)),
                 ("trash days", s.trash_days or "off"),
                 *[(f"extra.{k}", v) for k, v in public_extra(s.extra).items()],
             ],

@@ -30,7 +30,8 @@ from loftfs.fuse.adapter import FuseOperations
 from loftfs.fuse.common import mount_options
 from loftfs.meta import open_meta
 from loftfs.meta.base import process_identity
-from loftfs.object import open_volume_storage
+from loftfs.object import open_volume_storage, probe_volume_storage
+from loftfs.object.encrypt import VolumeSecret
 from loftfs.vfs.options import FUSE_BINDINGS, MountOptions
 from loftfs.vfs.vfs import VFS
 
@@ -159,11 +160,13 @@ def run_mount(
     opts: MountOptions,
     *,
     on_ready: Callable[[], None] | None = None,
+    secret: VolumeSecret | None = None,
 ) -> None:
     """Mount the volume at ``meta_url`` on ``mountpoint`` and serve until unmounted.
 
-    Bad input raises ``LoftError`` subclasses before anything is mounted. SIGTERM, SIGINT and
-    SIGHUP unmount cleanly: buffered data is committed, the session is closed.
+    Bad input raises ``LoftError`` subclasses before anything is mounted: an encrypted volume
+    without its ``secret``, or with a wrong one, included. SIGTERM, SIGINT and SIGHUP unmount
+    cleanly: buffered data is committed, the session is closed.
     """
     if opts.fuse_binding not in FUSE_BINDINGS:
         raise ConfigError(
@@ -174,7 +177,8 @@ def run_mount(
     meta = open_meta(meta_url)
     try:
         settings = meta.load_settings()
-        store = open_volume_storage(settings)
+        store = open_volume_storage(settings, secret)
+        probe_volume_storage(store, settings)
     except BaseException:
         meta.close()
         raise

@@ -168,6 +168,12 @@ class VolumeSettings:
     created_ns: int = 0
     version: int = 1
     extra: dict = field(default_factory=dict)
+    # empty: data is stored in the clear; else the wrapped data key and how to unwrap it
+    # (``loftfs.object.encrypt``). Never printed as is: it holds the salt and wrapped key.
+    encryption: dict = field(default_factory=dict)
+    # backend options of the object store (s3: region, endpoint, and the access and secret
+    # keys when given at format). Never printed as is: secret values are masked.
+    storage_options: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
