@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from loftfs.errors import FSError
 from loftfs.fuse import ll_abi as abi
 from loftfs.fuse.ll_locks import LockWaiters
-from loftfs.fuse.ll_ops import lock_owner, lock_range
+from loftfs.fuse.ll_ops import _timeout, fill_stat, lock_owner, lock_range, pack_direntplus
 from loftfs.fuse.lowlevel import fuse_argv
-from loftfs.meta.types import LOCK_EOF
+from loftfs.meta.types import LOCK_EOF, Attr, FileType
 
 HEADERS = Path("/usr/include/fuse3/fuse_lowlevel.h")
 
@@ -223,3 +223,50 @@ def test_parked_lock_interrupted_cancelled_and_stopped() -> None:
     assert answers.got[4] == errno.ENOLCK
     waiters.park(6, "e", never)  # after stop: answered at once
     assert answers.got[6] == errno.ENOLCK
+
+
+attr_values = st.builds(
+    lambda inode, size, nlink, mode, uid, gid, rdev, times: Attr(
+        inode=inode, type=FileType.FILE, mode=mode, uid=uid, gid=gid, nlink=nlink, size=size,
+        rdev=rdev, atime_ns=times[0], mtime_ns=times[1], ctime_ns=times[2], parent=1,
+    ),
+    st.integers(1, 2**63 - 1),
+    st.integers(0, 2**62),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 0o7777),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.tuples(*[st.integers(-(2**62), 2**62)] * 3),
+)  # fmt: skip
+
+
+@given(
+    attr=attr_values,
+    kind=st.sampled_from([FileType.FILE, FileType.DIR, FileType.SYMLINK, FileType.FIFO]),
+    name=st.binary(min_size=1, max_size=300).filter(lambda n: b"\0" not in n),
+    index=st.integers(1, 2**63 - 1),
+    timeouts=st.tuples(st.floats(0, 1e6), st.floats(0, 1e6)),
+)
+def test_packed_direntplus_equals_libfuse(
+    attr: Attr, kind: FileType, name: bytes, index: int, timeouts: tuple[float, float]
+) -> None:
+    """Directory pages are packed in Python; every byte must equal what libfuse's own
+    fuse_add_direntry_plus writes for the same entry."""
+    attr.type = kind
+    lib = abi.load()
+    e = abi.EntryParam()
+    e.ino = attr.inode
+    fill_stat(e.attr, attr)
+    e.entry_timeout, e.attr_timeout = timeouts
+    size = 4096
+    theirs = ctypes.create_string_buffer(size)
+    n = lib.fuse_add_direntry_plus(None, ctypes.addressof(theirs), size, name, e, index)
+    ours = bytearray(size)
+    m = pack_direntplus(ours, 0, name, attr, index, _timeout(timeouts[0]), _timeout(timeouts[1]))
+    assert m == n
+    assert bytes(ours[:m]) == theirs.raw[:n]
+    # an entry that does not fit is not written
+    small = bytearray(n - 1)
+    assert pack_direntplus(small, 0, name, attr, index, (0, 0), (0, 0)) == 0
+    assert small == bytearray(n - 1)

@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import stat
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +74,55 @@ def _ns(ts: abi.Timespec) -> int:
 
 def _set_ts(ts: abi.Timespec, ns: int) -> None:
     ts.tv_sec, ts.tv_nsec = divmod(ns, _NS)
+
+
+# struct fuse_direntplus of the kernel protocol (fuse_kernel.h), packed here instead of one
+# fuse_add_direntry_plus() call per entry: fuse_entry_out (nodeid, generation, entry_valid,
+# attr_valid, entry_valid_nsec, attr_valid_nsec, fuse_attr: ino, size, blocks, atime, mtime,
+# ctime, atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags), then
+# fuse_dirent (ino, off, namelen, type) and the name, padded to 8 bytes.
+_DIRENTPLUS = struct.Struct("=QQQQIIQQQqqqIIIIIIIIIIQQII")
+_DIRENT_ALIGN = 8
+
+
+def _timeout(t: float) -> tuple[int, int]:
+    """(seconds, nanoseconds) of a timeout, as libfuse converts them."""
+    if t <= 0:
+        return 0, 0
+    sec = int(t)
+    return sec, min(int((t - sec) * 1e9), 999_999_999)
+
+
+def pack_direntplus(
+    buf: bytearray,
+    pos: int,
+    name: bytes,
+    attr: Attr,
+    index: int,
+    entry_timeout: tuple[int, int],
+    attr_timeout: tuple[int, int],
+) -> int:
+    """Write one directory entry with its attributes at ``buf[pos:]``; returns its padded
+    length, or 0 when it does not fit (nothing written)."""
+    size = _DIRENTPLUS.size + len(name)
+    padded = (size + _DIRENT_ALIGN - 1) & ~(_DIRENT_ALIGN - 1)
+    if pos + padded > len(buf):
+        return 0
+    mode = attr.st_mode
+    a_s, a_ns = divmod(attr.atime_ns, _NS)
+    m_s, m_ns = divmod(attr.mtime_ns, _NS)
+    c_s, c_ns = divmod(attr.ctime_ns, _NS)
+    _DIRENTPLUS.pack_into(
+        buf, pos,
+        attr.inode, 0, entry_timeout[0], attr_timeout[0], entry_timeout[1], attr_timeout[1],
+        attr.inode, attr.size, (attr.size + 511) // 512, a_s, m_s, c_s, a_ns, m_ns, c_ns,
+        mode, attr.nlink, attr.uid, attr.gid, attr.rdev, BLOCK_UNIT, 0,
+        attr.inode, index, len(name), (mode & 0o170000) >> 12,
+    )  # fmt: skip
+    end = pos + _DIRENTPLUS.size
+    buf[end : end + len(name)] = name
+    buf[end + len(name) : pos + padded] = bytes(padded - size)
+    return padded
 
 
 def fill_stat(st: abi.Stat, attr: Attr) -> None:
@@ -623,19 +673,32 @@ class LowLevelOperations:
     def _readdir(self, req: int, size: int, off: int, fi: Any, *, plus: bool) -> None:
         # Permission to list was checked at opendir, as on a local file system.
         entries = self.vfs.readdir(ROOT, fi.contents.fh, off)
+        if plus:
+            out = bytearray(size)
+            pos = 0
+            attr_t = _timeout(self.opts.attr_timeout)
+            file_t = _timeout(self.opts.entry_timeout)
+            dir_t = _timeout(self.opts.dir_entry_timeout)
+            for index, (name, attr) in enumerate(entries, start=off + 1):
+                is_dir = attr.type == FileType.DIR
+                n = pack_direntplus(
+                    out, pos, name, attr, index, dir_t if is_dir else file_t, attr_t
+                )
+                if not n:
+                    break
+                self._remember_reported(attr)
+                pos += n
+            self.lib.fuse_reply_buf(req, bytes(out[:pos]), pos)
+            return
         buf = ctypes.create_string_buffer(size)
         base = ctypes.addressof(buf)
         pos = 0
         for index, (name, attr) in enumerate(entries, start=off + 1):
             room = size - pos
-            if plus:
-                e = self._entry(attr)
-                n = self.lib.fuse_add_direntry_plus(req, base + pos, room, name, e, index)
-            else:
-                st = abi.Stat()
-                st.st_ino = attr.inode
-                st.st_mode = attr.st_mode
-                n = self.lib.fuse_add_direntry(req, base + pos, room, name, st, index)
+            st = abi.Stat()
+            st.st_ino = attr.inode
+            st.st_mode = attr.st_mode
+            n = self.lib.fuse_add_direntry(req, base + pos, room, name, st, index)
             if n > room:
                 break
             pos += n
