@@ -16,7 +16,9 @@ if [ $# -eq 0 ]; then
     # stacks: Redis or PostgreSQL metadata with S3 (SeaweedFS) data, servers on loopback.
     # The binding pass covers the request handlers (POSIX files, permissions, locks, xattrs);
     # the stack passes everything but the two longest workloads (a venv with pip, a copy of
-    # the Python standard library), which exercise no engine code the others do not.
+    # the Python standard library), which exercise no engine code the others do not. The
+    # state machine runs 60 examples in these passes (120 in the main one).
+    export LOFT_MODEL_EXAMPLES=60
     echo "test: pytest tests/mount with LOFT_FUSE_BINDING=pyfuse3"
     LOFT_FUSE_BINDING=pyfuse3 .venv/bin/pytest -q -p no:cacheprovider -m "not slow" \
         tests/mount/test_posix_basic.py tests/mount/test_posix_model.py \
