@@ -105,7 +105,7 @@ class Server:
         raise NotImplementedError
 
     def prepare(self) -> None:
-        """One-time initialisation before the first start."""
+        """Initialisation before each start (idempotent: restarts call it again)."""
 
     def popen_kwargs(self) -> dict[str, object]:
         return {}
@@ -113,6 +113,7 @@ class Server:
     def start(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
+        self.prepare()
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         self.proc = subprocess.Popen(
             self.command(),
@@ -297,10 +298,6 @@ class PostgresServer(Server):
             "-h", "127.0.0.1", "-k", str(self.sockdir),
         ]  # fmt: skip
 
-    def start(self) -> None:
-        self.prepare()
-        super().start()
-
     def ready(self) -> bool:
         if not port_open(self.port):
             return False
@@ -457,10 +454,6 @@ class SeaweedServer(Server):
             # fixed ports by default (8181, 9101): two servers at once would collide
             "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]  # fmt: skip
-
-    def start(self) -> None:
-        self.prepare()
-        super().start()
 
     def ready(self) -> bool:
         if not port_open(self.port):

@@ -6,6 +6,7 @@ Imported by this folder's conftest and tests (the folder is on ``sys.path`` unde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -90,3 +91,16 @@ def bucket_files(bucket: Path) -> set[str]:
     if not bucket.exists():
         return set()
     return {str(p.relative_to(bucket)) for p in bucket.rglob("*") if p.is_file()}
+
+
+def mount_processes(mountpoint: Path) -> list[int]:
+    """Mount processes of ``mountpoint``, found by command line (they may have no record)."""
+    target = str(mountpoint).encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                if target in argv and b"loftfs.cli.main" in argv:
+                    found.append(int(entry))
+    return found

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loftcli import Volume, bucket_files, check_clean_error, loft, loft_process, ok
+from loftcli import Volume, bucket_files, check_clean_error, loft, loft_process, mount_processes, ok
 
 from loftfs.errors import ConfigError
 from loftfs.meta import open_meta
@@ -222,24 +222,12 @@ def _fuse_unavailable() -> str | None:
     return None
 
 
-def _mount_processes(mountpoint: Path) -> list[int]:
-    target = str(mountpoint).encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                if target in argv and b"loftfs.cli.main" in argv:
-                    found.append(int(entry))
-    return found
-
-
 @pytest.fixture
 def mountpoint(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "mnt"
     path.mkdir()
     yield path
-    pids = _mount_processes(path)
+    pids = mount_processes(path)
     if os.path.ismount(path):
         subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True, check=False)
     for pid in pids:
@@ -270,12 +258,12 @@ def test_mount_needs_the_right_secret(
             run = loft_process("mount", *background, meta, mnt, *args, env=env)
             assert message in check_clean_error(run), (args, background)
             assert not os.path.ismount(mountpoint)
-            assert not _mount_processes(mountpoint)
+            assert not mount_processes(mountpoint)
 
     # the right passphrase, from the environment: the volume mounts and stores ciphertext
     run = loft_process("mount", "-d", "--log", log, meta, mnt, env={ENV_PASSPHRASE: PASSPHRASE})
     assert run.code == 0, run.stderr + Path(log).read_text()
-    pids = _mount_processes(mountpoint)
+    pids = mount_processes(mountpoint)
     assert pids
     for pid in pids:  # the secret came through a pipe: not in argv, not in the environment
         for what in ("cmdline", "environ"):

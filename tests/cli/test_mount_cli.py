@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from loftcli import Volume, bucket_files, check_clean_error, loft_process, ok
+from loftcli import Volume, bucket_files, check_clean_error, loft_process, mount_processes, ok
 
 pytestmark = pytest.mark.mount
 
@@ -60,25 +60,12 @@ def _mount_pid(mountpoint: Path) -> int | None:
     return record.pid if record else None
 
 
-def _processes_naming(mountpoint: Path) -> list[int]:
-    """Mount processes of ``mountpoint``, found by command line (they may have no record)."""
-    target = str(mountpoint).encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            with contextlib.suppress(OSError):
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                if target in argv and b"loftfs.cli.main" in argv:
-                    found.append(int(entry))
-    return found
-
-
 @pytest.fixture
 def mountpoint(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "mnt"
     path.mkdir()
     yield path
-    pids = set(_processes_naming(path))
+    pids = set(mount_processes(path))
     if os.path.ismount(path):
         subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True, check=False)
     for pid in pids:
@@ -264,7 +251,7 @@ def test_mount_not_ready_in_time_leaves_nothing(
     line = check_clean_error(run)
     assert "not ready after" in line
     assert _wait(lambda: not os.path.ismount(mountpoint), 10)
-    assert _wait(lambda: not _processes_naming(mountpoint), 10)
+    assert _wait(lambda: not mount_processes(mountpoint), 10)
 
 
 def test_umount_of_a_dead_mount(fs_volume: Volume, mountpoint: Path) -> None:

@@ -8,14 +8,14 @@ is one branch in ``backend``.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from meta_helpers import Backend
 
-from loftfs.meta import Meta
+from loftfs.meta import Meta, open_meta
 from loftfs.meta.types import VolumeSettings
 
 ENGINES = ["sqlite", "sqlite-batched", "redis", "postgres"]
@@ -58,3 +58,18 @@ def meta(backend: Backend, settings: VolumeSettings) -> Meta:
     m = backend.open()
     m.init_volume(settings)
     return m
+
+
+@pytest.fixture
+def opened() -> Iterator[Callable[[str], Meta]]:
+    """``open(url)``: clients of any engine URL, every one closed at teardown."""
+    metas: list[Meta] = []
+
+    def open_(url: str) -> Meta:
+        meta = open_meta(url)
+        metas.append(meta)
+        return meta
+
+    yield open_
+    for meta in metas:
+        meta.close()

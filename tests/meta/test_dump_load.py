@@ -22,7 +22,7 @@ import pytest
 
 from loftfs.chunk.datapath import DataPath
 from loftfs.errors import NotFormatted, VolumeExists
-from loftfs.meta import dump, engine_schemes, open_meta
+from loftfs.meta import dump, engine_schemes
 from loftfs.meta.base import BaseMeta
 from loftfs.meta.dump import (
     FORMAT_NAME,
@@ -72,21 +72,6 @@ def _engine_url(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> st
         return str(server.url(prefix=f"dump{tag}"))
     server = request.getfixturevalue("postgres_server")
     return str(server.url(server.new_database(), schema=f"dump{tag}"))
-
-
-@pytest.fixture
-def opened() -> Iterator[Callable[[str], Meta]]:
-    """``open(url)`` with every client closed at teardown."""
-    metas: list[Meta] = []
-
-    def open_(url: str) -> Meta:
-        meta = open_meta(url)
-        metas.append(meta)
-        return meta
-
-    yield open_
-    for meta in metas:
-        meta.close()
 
 
 def _base(meta: Meta) -> BaseMeta:

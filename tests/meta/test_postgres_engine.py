@@ -13,7 +13,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,21 +32,6 @@ PW = PostgresServer.password
 @pytest.fixture
 def database(postgres_server: PostgresServer) -> str:
     return postgres_server.new_database()
-
-
-@pytest.fixture
-def opened() -> Iterator[Callable[[str], Meta]]:
-    """Open engines that are closed at teardown."""
-    metas: list[Meta] = []
-
-    def open_(url: str) -> Meta:
-        meta = open_meta(url)
-        metas.append(meta)
-        return meta
-
-    yield open_
-    for meta in metas:
-        meta.close()
 
 
 def formatted(open_: Callable[[str], Meta], url: str, name: str = "vol") -> Meta:
