@@ -144,6 +144,8 @@ class LoftFS(FileSystem):
             "-d",
             "--log",
             str(self.log),
+            "--cache-size",
+            "0",  # like JuiceFS below: no disk cache (bench/suite.py measures with one)
         ]
 
     def umount_cmd(self) -> list[str]:

@@ -29,6 +29,21 @@ from servers import (
 S = TypeVar("S", bound=Server)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _disk_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every mount of a test run keeps its disk cache under the run's temporary directory
+    (``LOFT_CACHE_DIR`` is the default of ``--cache-dir``), not in /var/cache/loftfs."""
+    old = os.environ.get("LOFT_CACHE_DIR")
+    os.environ["LOFT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LOFT_CACHE_DIR", None)
+        else:
+            os.environ["LOFT_CACHE_DIR"] = old
+
+
 def _require(kind: str) -> None:
     reason = server_unavailable(kind)
     if reason is None:

@@ -58,6 +58,7 @@ class Volume:
             "fetch_threads": 4,
             "gc_interval_s": 0,
             "compact_threshold": 0,
+            "cache_size": 0,  # the disk cache has its own tests (test_cache_disk.py)
         }
         defaults.update(opts)
         dp = DataPath(

@@ -110,7 +110,9 @@ class Source:
 
 
 def _data_path(meta: Meta, store: FileObjectStore, settings: VolumeSettings) -> DataPath:
-    opts = MountOptions(buffer_size=16 << 20, upload_threads=2, fetch_threads=2, gc_interval_s=0)
+    opts = MountOptions(
+        buffer_size=16 << 20, upload_threads=2, fetch_threads=2, gc_interval_s=0, cache_size=0
+    )
     opts.compact_threshold = 0
     return DataPath(meta, store, settings, opts)
 

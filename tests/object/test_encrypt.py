@@ -389,7 +389,11 @@ def test_data_path_answers_eio_and_caches_nothing(
     meta.init_volume(settings)
     settings = meta.load_settings()
     opts = MountOptions(
-        buffer_size=8 << 20, gc_interval_s=0, compact_threshold=0, readahead_blocks=0
+        buffer_size=8 << 20,
+        gc_interval_s=0,
+        compact_threshold=0,
+        readahead_blocks=0,
+        cache_size=0,
     )
     paths: list[DataPath] = []
     try:

@@ -8,19 +8,28 @@ buffered writes.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
 import threading
+from concurrent.futures import Future
 
+from loftfs.chunk.blocks import CachedBlockStore
 from loftfs.chunk.budget import MemoryBudget
+from loftfs.chunk.cache_disk import DiskCache
 from loftfs.chunk.cache_mem import MemBlockCache
 from loftfs.chunk.compaction import Compactor
 from loftfs.chunk.gc import BlockGC
 from loftfs.chunk.pool import WorkerPool
 from loftfs.chunk.prefetch import ReadState
 from loftfs.chunk.reader import BlockFetcher, Reader, SliceCache
+from loftfs.chunk.writeback import WriteBack
 from loftfs.chunk.writer import FileWriter, WriteContext
+from loftfs.errors import ConfigError
 from loftfs.meta.interface import Meta
-from loftfs.meta.types import VolumeSettings
+from loftfs.meta.types import CHUNK_SIZE, VolumeSettings
+from loftfs.metrics import Metrics
 from loftfs.object.interface import ObjectStore
 from loftfs.vfs.options import MountOptions
 
@@ -34,8 +43,32 @@ class DataPath:
         self, meta: Meta, store: ObjectStore, settings: VolumeSettings, opts: MountOptions
     ) -> None:
         self.meta = meta
-        self.store = store
         self.settings = settings
+        self.disk: DiskCache | None = None
+        self.writeback: WriteBack | None = None
+        self._cache_lock_fds: list[int] = []
+        if opts.cache_size > 0 and opts.cache_dirs:
+            self._cache_lock_fds = lock_cache_dirs(opts.cache_dirs, settings.uuid)
+            if self._cache_lock_fds:
+                self.disk = DiskCache(
+                    opts.cache_dirs,
+                    opts.cache_size,
+                    volume_uuid=settings.uuid,
+                    free_ratio=opts.free_space_ratio,
+                )
+            elif opts.writeback:
+                raise ConfigError(
+                    f"the cache directory {', '.join(opts.cache_dirs)} is in use by another "
+                    "mount of this volume; write-back needs a --cache-dir of its own"
+                )
+        if opts.writeback and not opts.read_only:
+            if self.disk is None:
+                raise ConfigError("--writeback needs the disk cache (a --cache-size above 0)")
+            self.writeback = WriteBack(self.disk, store, opts.upload_threads)
+        self.raw_store = store
+        # What the writers, compaction, gc and the fetcher use: the disk cache and write-back
+        # in front of the volume's store.
+        self.store = store = CachedBlockStore(store, self.disk, self.writeback)
         self.opts = opts
         self.block_size = settings.block_size
         self.budget = MemoryBudget(opts.buffer_size)
@@ -83,6 +116,7 @@ class DataPath:
         self._writers: dict[int, FileWriter] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.remaining_uploads = 0  # write-back blocks left staged at close
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -156,9 +190,76 @@ class DataPath:
         return self.gc.run_once()
 
     def start(self) -> None:
-        """Start the background workers: block gc every ``gc_interval_s``, compaction."""
+        """Start the background workers: the disk cache's index scan and writer, write-back
+        uploads (first those an earlier mount left staged), block gc, compaction."""
+        if self.disk is not None:
+            self.disk.start()
+        if self.writeback is not None:
+            self.writeback.start()
         self.gc.start()
         self.compactor.start()
+
+    # --- cache warmup -------------------------------------------------------------------------
+
+    def warm(self, inode: int, file_size: int) -> tuple[int, int]:
+        """Fetch every block of ``inode``'s content into the disk cache (into memory when there
+        is no disk cache), up to ``fetch_threads`` blocks at a time. Returns (bytes fetched
+        from the object store, bytes that were already cached). Raises the first failure."""
+        fetched = cached = 0
+        inflight: list[tuple[int, Future[None]]] = []
+        window = max(1, self.opts.fetch_threads)
+        try:
+            for index in range((file_size + CHUNK_SIZE - 1) // CHUNK_SIZE):
+                for key, length in self.reader.chunk_blocks(inode, index):
+                    if self.disk is not None and self.disk.contains(key):
+                        cached += length
+                        continue
+                    if self.disk is None and key in self.cache:
+                        cached += length
+                        continue
+                    if len(inflight) >= window:
+                        n, fut = inflight.pop(0)
+                        fut.result()
+                        fetched += n
+                    inflight.append((length, self.fetch_pool.submit(self._warm_block, key, length)))
+            for n, fut in inflight:
+                fut.result()
+                fetched += n
+        finally:
+            for _, fut in inflight:
+                fut.cancel()
+        return fetched, cached
+
+    def _warm_block(self, key: str, length: int) -> None:
+        if self.disk is not None:
+            self.store.warm_block(key, length)
+        else:
+            self.reader.fetcher.get(key, length)
+
+    def register_metrics(self, metrics: Metrics) -> None:
+        """Publish the caches', buffers' and uploads' figures (``loft stats``, Prometheus)."""
+        cache, budget = self.cache, self.budget
+        metrics.register_source(
+            "mem_cache",
+            lambda: {
+                "hits": cache.hits,
+                "misses": cache.misses,
+                "used_bytes": cache.size,
+                "capacity_bytes": cache.capacity,
+                "blocks": len(cache),
+            },
+        )
+        metrics.register_source(
+            "buffer", lambda: {"used_bytes": budget.used, "total_bytes": budget.total}
+        )
+        if self.disk is not None:
+            metrics.register_source("disk_cache", self.disk.stats)
+        if self.writeback is not None:
+            metrics.register_source("writeback", self.writeback.stats)
+
+    def pending_uploads(self) -> tuple[int, int]:
+        """(blocks, bytes) written but not yet in the object store (write-back)."""
+        return self.writeback.pending() if self.writeback is not None else (0, 0)
 
     def close(self) -> None:
         """Flush every writer, stop the workers and wait for running uploads. Raises the first
@@ -180,6 +281,43 @@ class DataPath:
         self.upload_pool.shutdown(wait=True)
         self.fetch_pool.shutdown(wait=True)
         self.ahead_pool.shutdown(wait=True)
+        if self.writeback is not None:
+            self.remaining_uploads = self.writeback.drain(self.opts.writeback_drain_s)
+            self.writeback.close()
+        if self.disk is not None:
+            self.disk.close()
+        for fd in self._cache_lock_fds:
+            os.close(fd)
+        self._cache_lock_fds = []
         self.cache.clear()
         if first_error is not None:
             raise first_error
+
+
+def lock_cache_dirs(dirs: list[str], volume_uuid: str) -> list[int]:
+    """Take an exclusive lock on ``<dir>/<uuid>`` of every cache directory, so that two mounts
+    of one volume on one machine never share (and double-count, or double-upload) one cache.
+    The lock files sit next to the volume's cache directories (``<dir>/<uuid>.lock``).
+    Returns the lock file descriptors, or [] when another mount holds one of the locks or a
+    directory cannot be used (the mount then runs without a disk cache)."""
+    fds: list[int] = []
+    try:
+        for d in dirs:
+            os.makedirs(d, exist_ok=True)
+            path = os.path.join(d, f"{volume_uuid}.lock")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fds.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            log.warning(
+                "cache directory %s is used by another mount of this volume: "
+                "this mount runs without a disk cache",
+                ", ".join(dirs),
+            )
+        else:
+            log.warning("disk cache disabled: %s", e)
+        return []
+    return fds

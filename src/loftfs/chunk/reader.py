@@ -17,7 +17,7 @@ from loftfs.chunk.prefetch import ReadState
 from loftfs.chunk.singleflight import SingleFlight
 from loftfs.errors import FSError, ObjectCorrupted, ObjectNotFound, ObjectStoreError
 from loftfs.meta.interface import Meta
-from loftfs.meta.types import Slice
+from loftfs.meta.types import CHUNK_SIZE, Slice
 from loftfs.object.interface import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,10 @@ class SliceCache:
 
 # --- blocks ---------------------------------------------------------------------------------
 
+# A random read of at most 1/RANGED_FRACTION of a block reads just its range from the disk
+# cache; a larger one loads the whole block into memory (it is likely read again).
+RANGED_FRACTION = 8
+
 
 @dataclass(frozen=True, slots=True)
 class _Piece:
@@ -136,6 +140,19 @@ class BlockFetcher:
         if data is not None:
             return data
         return self._flight.do(key, lambda: self._fetch(key, length, cache))
+
+    def get_range(self, key: str, length: int, a: int, b: int) -> bytes | None:
+        """Bytes ``[a, b)`` of a block from the memory or disk cache, without fetching it whole;
+        None when neither has it. Random small reads of a disk-cached file take this path, so
+        each costs one local read of a few segments instead of a whole block."""
+        data = self.cache.get(key)
+        if data is not None:
+            return data[a:b]
+        ranged = getattr(self.store, "get_cached_range", None)
+        if ranged is None:
+            return None
+        part: bytes | None = ranged(key, a, b - a)
+        return part
 
     def busy(self, key: str) -> bool:
         """True when the block is cached or being fetched (no need to prefetch it)."""
@@ -206,6 +223,15 @@ class Reader:
             self.slices.put(token, slices)
         return slices
 
+    def chunk_blocks(self, inode: int, index: int) -> list[tuple[str, int]]:
+        """(key, length) of every distinct block the visible content of a chunk uses."""
+        seen: dict[str, int] = {}
+        for seg in overlay(self.chunk_slices(inode, index), 0, CHUNK_SIZE):
+            for p in self.segment_pieces(seg):
+                if p.key:
+                    seen.setdefault(p.key, p.length)
+        return list(seen.items())
+
     # planning
 
     def segment_pieces(self, seg: Segment) -> list[_Piece]:
@@ -241,11 +267,19 @@ class Reader:
                 pieces.extend(self.segment_pieces(seg))
         return pieces
 
-    def assemble(self, pieces: list[_Piece], *, cache: bool = True) -> bytes:
-        """Fetch the blocks of ``pieces`` (in parallel when several miss) and join the bytes."""
+    def assemble(self, pieces: list[_Piece], *, cache: bool = True, ranged: bool = False) -> bytes:
+        """Fetch the blocks of ``pieces`` (in parallel when several miss) and join the bytes.
+        ``ranged``: a random read; pieces that are a small part of their block are read from
+        the caches alone when there (``BlockFetcher.get_range``)."""
         blocks: dict[str, bytes] = {}
         missing: dict[str, int] = {}
-        for p in pieces:
+        parts: dict[int, bytes] = {}
+        for i, p in enumerate(pieces):
+            if ranged and p.key and (p.b - p.a) * RANGED_FRACTION <= p.length:
+                part = self.fetcher.get_range(p.key, p.length, p.a, p.b)
+                if part is not None and len(part) == p.b - p.a:
+                    parts[i] = part
+                    continue
             if p.key and p.key not in blocks and p.key not in missing:
                 data = self.fetcher.cache.get(p.key) if cache else None
                 if data is not None:
@@ -271,8 +305,11 @@ class Reader:
             if first_error is not None:
                 raise first_error
         out = []
-        for p in pieces:
-            if p.key:
+        for i, p in enumerate(pieces):
+            part = parts.get(i)
+            if part is not None:
+                out.append(memoryview(part))
+            elif p.key:
                 out.append(memoryview(blocks[p.key])[p.a : p.b])
             else:
                 out.append(memoryview(bytes(p.b - p.a)))
@@ -298,7 +335,7 @@ class Reader:
                 if ahead is not None:
                     self._read_ahead(inode, *ahead)
             try:
-                return self.assemble(pieces)
+                return self.assemble(pieces, ranged=state is not None and state.window == 0)
             except BlockUnavailable as e:
                 if not e.missing or attempt == 2:
                     raise

@@ -21,8 +21,10 @@ from loftfs.cli.info import info_cmd
 from loftfs.cli.load import load_cmd
 from loftfs.cli.mount import mount_cmd
 from loftfs.cli.objbench import objbench_cmd
+from loftfs.cli.stats import stats_cmd
 from loftfs.cli.status import status_cmd
 from loftfs.cli.umount import umount_cmd
+from loftfs.cli.warmup import warmup_cmd
 
 app = typer.Typer(
     cls=LoftGroup,
@@ -75,6 +77,8 @@ app.command("gc")(gc_cmd)
 app.command("dump")(dump_cmd)
 app.command("load")(load_cmd)
 app.command("objbench")(objbench_cmd)
+app.command("stats")(stats_cmd)
+app.command("warmup")(warmup_cmd)
 
 
 if __name__ == "__main__":

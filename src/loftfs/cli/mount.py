@@ -26,9 +26,10 @@ from loftfs.cli.common import (
     setup_logging,
 )
 from loftfs.errors import ConfigError, LoftError
+from loftfs.metrics import parse_listen_address
 from loftfs.object.encrypt import ENV_PASSPHRASE, VolumeSecret, secret_from_sources
 from loftfs.utils import parse_size
-from loftfs.vfs.options import FUSE_BINDINGS, MountOptions
+from loftfs.vfs.options import FUSE_BINDINGS, MountOptions, default_cache_dir
 
 _DEFAULTS = MountOptions()
 READY = b"ready"
@@ -77,8 +78,26 @@ def build_options(
     gc_interval: float,
     fuse_options: list[str],
     fuse_binding: str = _DEFAULTS.fuse_binding,
+    cache_dir: str | None = None,
+    cache_size: str = "",
+    free_space_ratio: float = _DEFAULTS.free_space_ratio,
+    writeback: bool = False,
+    metrics: str = "",
 ) -> MountOptions:
     """Validated ``MountOptions`` from command-line values."""
+    cache_dirs = [d for d in (cache_dir or default_cache_dir()).split(":") if d]
+    if not cache_dirs:
+        raise ConfigError("--cache-dir needs at least one directory")
+    cache_dirs = [os.path.abspath(d) for d in cache_dirs]
+    cache_bytes = parse_size(cache_size) if cache_size else _DEFAULTS.cache_size
+    if not 0.0 <= free_space_ratio < 1.0:
+        raise ConfigError(f"--free-space-ratio must be in [0, 1), not {free_space_ratio}")
+    if writeback and cache_bytes == 0:
+        raise ConfigError("--writeback stages blocks in the disk cache: it needs --cache-size > 0")
+    if writeback and read_only:
+        raise ConfigError("--writeback makes no sense on a read-only mount")
+    if metrics:
+        parse_listen_address(metrics)
     buffer = parse_size(buffer_size)
     if buffer < (1 << 20):
         raise ConfigError(f"--buffer-size must be at least 1M, not {buffer_size!r}")
@@ -123,6 +142,11 @@ def build_options(
         gc_interval_s=gc_interval,
         fuse_options=options,
         fuse_binding=fuse_binding,
+        cache_dirs=cache_dirs,
+        cache_size=cache_bytes,
+        free_space_ratio=free_space_ratio,
+        writeback=writeback,
+        metrics=metrics,
     )
 
 
@@ -164,6 +188,12 @@ def child_args(
         repr(opts.gc_interval_s),
         "--fuse-binding",
         opts.fuse_binding,
+        "--cache-dir",
+        ":".join(opts.cache_dirs),
+        "--cache-size",
+        str(opts.cache_size),
+        "--free-space-ratio",
+        repr(opts.free_space_ratio),
         "--ready-fd",
         str(ready_fd),
     ]
@@ -171,6 +201,10 @@ def child_args(
         args.append("--no-xattr")
     if opts.read_only:
         args.append("--read-only")
+    if opts.writeback:
+        args.append("--writeback")
+    if opts.metrics:
+        args += ["--metrics", opts.metrics]
     if opts.fuse_options:
         args += ["-o", ",".join(opts.fuse_options)]
     if secret_fd is not None:
@@ -517,6 +551,41 @@ def mount_cmd(
             help="s3: session token of temporary credentials (with --access-key/--secret-key)",
         ),
     ] = None,
+    cache_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--cache-dir",
+            metavar="DIR[:DIR...]",
+            help="Local disk block cache directories, blocks spread over them "
+            "(default: LOFT_CACHE_DIR, else /var/cache/loftfs for root, ~/.cache/loftfs)",
+        ),
+    ] = None,
+    cache_size: Annotated[
+        str,
+        typer.Option(
+            "--cache-size", help="Disk cache size over all directories (e.g. 100G; 0: no cache)"
+        ),
+    ] = size_text(_DEFAULTS.cache_size),
+    free_space_ratio: Annotated[
+        float,
+        typer.Option(
+            "--free-space-ratio", help="Share of each cache disk kept free (evicts to keep it)"
+        ),
+    ] = _DEFAULTS.free_space_ratio,
+    writeback: Annotated[
+        bool,
+        typer.Option(
+            "--writeback",
+            help="Acknowledge writes once staged on the local cache disk, upload in the "
+            "background (other clients see the data once uploaded)",
+        ),
+    ] = False,
+    metrics: Annotated[
+        str,
+        typer.Option(
+            "--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics there"
+        ),
+    ] = "",
     ready_fd: Annotated[int | None, typer.Option("--ready-fd", hidden=True)] = None,
     secret_fd: Annotated[int | None, typer.Option("--secret-fd", hidden=True)] = None,
 ) -> None:
@@ -535,6 +604,11 @@ def mount_cmd(
         gc_interval=gc_interval,
         fuse_options=fuse_options or [],
         fuse_binding=fuse_binding,
+        cache_dir=cache_dir,
+        cache_size=cache_size,
+        free_space_ratio=free_space_ratio,
+        writeback=writeback,
+        metrics=metrics,
     )
     meta_url = absolute_meta_url(meta_url)
     export_storage_credentials(access_key, secret_key, session_token)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Annotated, Any
 
@@ -21,6 +22,7 @@ from loftfs.cli.common import (
     session_age_s,
     stdout_console,
 )
+from loftfs.errors import LoftError
 from loftfs.meta.types import SessionInfo, VolumeSettings
 from loftfs.object.encrypt import describe_record, public_record
 from loftfs.utils import format_size
@@ -46,6 +48,21 @@ def settings_dict(settings: VolumeSettings) -> dict[str, Any]:
     }
 
 
+def local_pending_uploads(session: SessionInfo) -> int | None:
+    """Write-back blocks a mount on this machine has not uploaded yet, asked over its control
+    socket; None for mounts elsewhere or not answering."""
+    from loftfs.control import ControlClient, ControlError, control_socket_path
+
+    mountpoint = session.info.get("mountpoint")
+    if not mountpoint or session.info.get("host") != socket.gethostname():
+        return None
+    try:
+        with ControlClient(control_socket_path(str(mountpoint)), timeout=2) as client:
+            return int(client.call("pending").get("blocks", 0))
+    except (ControlError, LoftError, OSError, ValueError, TypeError):
+        return None
+
+
 def session_dict(session: SessionInfo, now_ns: int) -> dict[str, Any]:
     age = session_age_s(session, now_ns)
     return {
@@ -56,6 +73,7 @@ def session_dict(session: SessionInfo, now_ns: int) -> dict[str, Any]:
         "heartbeat_ns": session.heartbeat_ns,
         "heartbeat_age_s": round(age, 3),
         "stale": age > STALE_AFTER_S,
+        "pending_uploads": None if age > STALE_AFTER_S else local_pending_uploads(session),
         "info": public_extra(session.info),
     }
 
@@ -127,7 +145,7 @@ def _with_quota(shown: str, used: int, quota: int, is_size: bool) -> str:
 
 def _sessions_table(sessions: list[dict[str, Any]]) -> Table:
     table = Table(title=f"Sessions ({len(sessions)})", title_justify="left")
-    for column in ("sid", "host", "pid", "mountpoint", "heartbeat", "state"):
+    for column in ("sid", "host", "pid", "mountpoint", "heartbeat", "state", "pending uploads"):
         table.add_column(column)
     for s in sessions:
         table.add_row(
@@ -137,5 +155,6 @@ def _sessions_table(sessions: list[dict[str, Any]]) -> Table:
             cell(s["mountpoint"]),
             cell(f"{format_age(s['heartbeat_age_s'])} ago"),
             Text("stale", style="red") if s["stale"] else Text("live"),
+            cell("" if s["pending_uploads"] is None else f"{s['pending_uploads']} blocks"),
         )
     return table

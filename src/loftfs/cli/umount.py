@@ -7,16 +7,20 @@ for that process is what makes "umount returned 0" mean "the data is durable".
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from loftfs.cli.common import say
 from loftfs.errors import ConfigError, LoftError
+from loftfs.utils import format_size
 
 
 def process_alive(pid: int) -> bool:
@@ -84,7 +88,7 @@ def umount_cmd(
     ] = 120.0,
 ) -> None:
     """Unmount a volume and wait until its mount process has written all data and exited."""
-    from loftfs.fuse.mount import find_mount_root, read_mount_record
+    from loftfs.fuse.mount import find_mount_root, read_mount_record, result_path
 
     path = os.path.abspath(mountpoint)
     if timeout < 0:
@@ -95,11 +99,14 @@ def umount_cmd(
     if os.path.realpath(root) != os.path.realpath(path):
         raise ConfigError(f"{path} is not a mountpoint (it is inside the loftfs mount {root})")
     record = read_mount_record(root)
+    result = result_path(os.path.realpath(root))
+    with contextlib.suppress(OSError):
+        result.unlink()
     unmount_kernel(root, lazy=force)
     if record is None or record.pid == os.getpid():
         say(f"Unmounted {root}")
         return
-    if not wait_for_exit(record.pid, timeout):
+    if not _wait_showing_uploads(root, record.pid, timeout):
         if force:
             raise LoftError(
                 f"{root} is detached, but files are still open in it: its mount process "
@@ -109,4 +116,46 @@ def umount_cmd(
             f"{root} is unmounted, but its mount process (pid {record.pid}) is still writing "
             f"data after {timeout:.0f}s; it will exit when done (do not kill it)"
         )
+    remaining = _remaining_uploads(result)
+    if remaining:
+        say(
+            f"Unmounted {root}; {remaining} written blocks could not be uploaded yet: they stay "
+            "staged in its disk cache and the next mount of the volume with the same "
+            "--cache-dir uploads them"
+        )
+        return
     say(f"Unmounted {root}")
+
+
+def _wait_showing_uploads(root: str, pid: int, timeout_s: float) -> bool:
+    """``wait_for_exit``, telling the user how many write-back uploads the process still has
+    (its control socket answers until the uploads are done)."""
+    from loftfs.control import ControlClient, ControlError, control_socket_path
+
+    deadline = time.monotonic() + timeout_s
+    sock = control_socket_path(os.path.realpath(root))
+    shown = -1
+    while not wait_for_exit(pid, min(1.0, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            return False
+        try:
+            with ControlClient(sock, timeout=2) as client:
+                pending = client.call("pending")
+        except (ControlError, OSError, LoftError):
+            continue
+        blocks = int(pending.get("blocks", 0))
+        if blocks and blocks != shown:
+            say(
+                f"Waiting for {blocks} blocks ({format_size(int(pending.get('bytes', 0)))}) to upload"
+            )
+            shown = blocks
+    return True
+
+
+def _remaining_uploads(result: Path) -> int:
+    try:
+        data = json.loads(result.read_text())
+        result.unlink()
+        return int(data.get("remaining_uploads", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0

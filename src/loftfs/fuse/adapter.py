@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import stat
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,6 +23,7 @@ import trio
 from loftfs.errors import FSError, LoftError
 from loftfs.fuse.common import BLOCK_UNIT, fill_statvfs
 from loftfs.meta.types import NOW, Attr, Ctx, FileType
+from loftfs.metrics import Metrics, is_failure
 from loftfs.vfs.options import MountOptions
 from loftfs.vfs.vfs import VFS
 
@@ -46,10 +48,11 @@ class FuseOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, vfs: VFS, opts: MountOptions) -> None:
+    def __init__(self, vfs: VFS, opts: MountOptions, metrics: Metrics | None = None) -> None:
         super().__init__()
         self.vfs = vfs
         self.opts = opts
+        self.metrics = metrics  # times every vfs call (named after the vfs method) when set
         self.limiter = trio.CapacityLimiter(max(4, opts.max_fuse_tasks))
         # (mtime_ns, size) of each file as last reported to the kernel, which caches it for
         # attr_timeout. An open that finds the file changed (by another client) invalidates that
@@ -59,6 +62,23 @@ class FuseOperations(pyfuse3.Operations):
     # --- plumbing --------------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self.metrics is None:
+            return await self._call(fn, *args, **kwargs)
+        start = time.perf_counter()
+        failed = False
+        try:
+            return await self._call(fn, *args, **kwargs)
+        except pyfuse3.FUSEError as e:
+            failed = e.errno == errno.EIO
+            raise
+        except BaseException as e:
+            failed = is_failure(e)
+            raise
+        finally:
+            name = getattr(fn, "__name__", "other")
+            self.metrics.observe_op(name, time.perf_counter() - start, failed)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
             return await trio.to_thread.run_sync(
                 functools.partial(fn, *args, **kwargs), limiter=self.limiter

@@ -18,6 +18,7 @@ import os
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from loftfs.fuse.common import BLOCK_UNIT, fill_statvfs
 from loftfs.fuse.ll_locks import LockWaiters
 from loftfs.fuse.ll_threads import ThreadStates
 from loftfs.meta.types import F_RDLCK, F_UNLCK, F_WRLCK, LOCK_EOF, NOW, Attr, Ctx, FileType
+from loftfs.metrics import Metrics, is_failure
 from loftfs.vfs.options import MountOptions
 from loftfs.vfs.vfs import VFS
 
@@ -177,8 +179,10 @@ class LowLevelOperations:
         opts: MountOptions,
         *,
         kernel_checks_permissions: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self.lib = lib
+        self.metrics = metrics  # times every request when set
         self.vfs = vfs
         self.opts = opts
         self.kernel_checks_permissions = kernel_checks_permissions
@@ -248,13 +252,32 @@ class LowLevelOperations:
     def _guard(self, name: str, handler: Callable[..., None]) -> Callable[..., None]:
         pin = self.threads.pin
         fail = self._fail
+        if self.metrics is None:
 
-        def callback(req: int, *args: Any) -> None:
-            try:
-                pin()
-                handler(req, *args)
-            except BaseException as e:
-                fail(req, name, e)
+            def callback(req: int, *args: Any) -> None:
+                try:
+                    pin()
+                    handler(req, *args)
+                except BaseException as e:
+                    fail(req, name, e)
+
+        else:
+            observe = self.metrics.op_observer(name)
+            clock = time.perf_counter
+
+            def callback(req: int, *args: Any) -> None:
+                start = clock()
+                failed = False
+                try:
+                    pin()
+                    handler(req, *args)
+                except BaseException as e:
+                    failed = is_failure(e)
+                    fail(req, name, e)
+                try:
+                    observe(clock() - start, failed)
+                except BaseException:  # nothing may escape into ctypes
+                    pass
 
         callback.__name__ = f"fuse_{name}"
         return callback

@@ -28,6 +28,7 @@ from types import FrameType
 from loftfs.errors import ConfigError, LoftError
 from loftfs.fuse import ll_abi as abi
 from loftfs.fuse.ll_ops import LowLevelOperations
+from loftfs.metrics import Metrics
 from loftfs.vfs.options import MountOptions
 from loftfs.vfs.vfs import VFS
 
@@ -51,14 +52,25 @@ def fuse_argv(options: Iterable[str], progname: str = "loftfs") -> list[bytes]:
 class LowLevelSession:
     """One libfuse session: mount, serve in libfuse's threads, stop on a signal, unmount."""
 
-    def __init__(self, vfs: VFS, opts: MountOptions, mountpoint: str, options: set[str]) -> None:
+    def __init__(
+        self,
+        vfs: VFS,
+        opts: MountOptions,
+        mountpoint: str,
+        options: set[str],
+        metrics: Metrics | None = None,
+    ) -> None:
         self.lib = abi.load()
         self.vfs = vfs
         self.opts = opts
         self.mountpoint = mountpoint
         self.options = set(options)
         self.ops = LowLevelOperations(
-            self.lib, vfs, opts, kernel_checks_permissions="default_permissions" in self.options
+            self.lib,
+            vfs,
+            opts,
+            kernel_checks_permissions="default_permissions" in self.options,
+            metrics=metrics,
         )
         self.max_threads = max(MIN_THREADS, opts.max_fuse_tasks)
         self._se: int | None = None
@@ -233,6 +245,7 @@ def serve_lowlevel(
     *,
     on_mounted: Callable[[], None] | None = None,
     signals_seen: list[int] | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """Mount ``mountpoint`` with the kernel ``options`` (as ``mount_options()`` builds them) and
     serve ``vfs`` through libfuse's low-level API until the file system is unmounted or the
@@ -246,4 +259,6 @@ def serve_lowlevel(
     ``run_mount`` does). Raises ``ConfigError`` when libfuse is missing or refuses the options
     or the mount.
     """
-    LowLevelSession(vfs, opts, mountpoint, options).serve(on_ready, on_mounted, signals_seen)
+    LowLevelSession(vfs, opts, mountpoint, options, metrics).serve(
+        on_ready, on_mounted, signals_seen
+    )

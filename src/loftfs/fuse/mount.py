@@ -17,7 +17,7 @@ import os
 import re
 import signal
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,11 +25,15 @@ import pyfuse3
 import trio
 
 from loftfs.chunk.datapath import DataPath
-from loftfs.errors import ConfigError
+from loftfs.control import ControlServer, Handler, Message, control_socket_path, int_list
+from loftfs.errors import ConfigError, FSError, LoftError
 from loftfs.fuse.adapter import FuseOperations
 from loftfs.fuse.common import mount_options
 from loftfs.meta import open_meta
 from loftfs.meta.base import process_identity
+from loftfs.meta.interface import Meta
+from loftfs.meta.types import FileType
+from loftfs.metrics import Metrics, parse_listen_address
 from loftfs.object import open_volume_storage, probe_volume_storage
 from loftfs.object.encrypt import VolumeSecret
 from loftfs.vfs.options import FUSE_BINDINGS, MountOptions
@@ -177,14 +181,20 @@ def run_mount(
     meta = open_meta(meta_url)
     try:
         settings = meta.load_settings()
-        store = open_volume_storage(settings, secret)
+        metrics = Metrics({"volume": settings.name, "mountpoint": real})
+        store = open_volume_storage(settings, secret, metrics=metrics)
         probe_volume_storage(store, settings)
     except BaseException:
         meta.close()
         raise
     if hasattr(meta, "session_timeout_s"):
         meta.session_timeout_s = opts.session_timeout_s
-    data = DataPath(meta, store, settings, opts)
+    try:
+        data = DataPath(meta, store, settings, opts)
+    except BaseException:
+        meta.close()
+        raise
+    data.register_metrics(metrics)
     vfs = VFS(meta, data, settings, opts)
     meta.new_session(
         {**process_identity(), "mountpoint": real, "version": _version()},
@@ -213,8 +223,16 @@ def run_mount(
             opts.fuse_binding,
         )
 
+    control: ControlServer | None = None
+    stop_http: Callable[[], None] | None = None
     try:
         data.start()
+        if opts.metrics:
+            host, port = parse_listen_address(opts.metrics)
+            port, stop_http = metrics.serve_http(host, port)
+            log.info("Prometheus metrics at http://%s:%d/metrics", host, port)
+        control = ControlServer(control_socket_path(real), mount_handlers(meta, data, metrics))
+        control.start()
         options = mount_options(settings.name, opts)
         if opts.fuse_binding == "lowlevel":
             from loftfs.fuse.lowlevel import serve_lowlevel
@@ -233,10 +251,11 @@ def run_mount(
                 ready,
                 on_mounted=announce_mounted,
                 signals_seen=_signals_seen,
+                metrics=metrics,
             )
         else:
             try:
-                pyfuse3.init(FuseOperations(vfs, opts), real, options)
+                pyfuse3.init(FuseOperations(vfs, opts, metrics), real, options)
             except RuntimeError as e:  # libfuse rejected an option or could not mount
                 raise ConfigError(
                     f"libfuse refused the mount options {', '.join(sorted(options))} ({e}); see the log"
@@ -252,8 +271,19 @@ def run_mount(
                 pyfuse3.close(unmount=True)
         try:
             vfs.shutdown()
-            data.close()
+            data.close()  # the control socket still answers: umount shows pending uploads
         finally:
+            if data.remaining_uploads:
+                log.warning(
+                    "%d written blocks are staged in the disk cache and not uploaded yet; "
+                    "the next mount of this volume with the same --cache-dir uploads them",
+                    data.remaining_uploads,
+                )
+            _write_result(real, {"remaining_uploads": data.remaining_uploads})
+            if control is not None:
+                control.stop()
+            if stop_http is not None:
+                stop_http()
             with contextlib.suppress(Exception):
                 meta.close_session()
             meta.close()
@@ -261,6 +291,48 @@ def run_mount(
                 with contextlib.suppress(OSError):
                     record.unlink()
         log.info("volume %s unmounted from %s", settings.name, real)
+
+
+def result_path(real_mountpoint: str) -> Path:
+    """Where a mount process leaves what ``loft umount`` should report after it exited."""
+    return _record_path(real_mountpoint).with_suffix(".result")
+
+
+def _write_result(real_mountpoint: str, result: dict[str, int]) -> None:
+    with contextlib.suppress(OSError):
+        path = result_path(real_mountpoint)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result))
+
+
+def mount_handlers(meta: Meta, data: DataPath, metrics: Metrics) -> dict[str, Handler]:
+    """The commands of the mount's control socket (``loftfs.control``): ``stats`` for ``loft
+    stats``, ``warmup`` for ``loft warmup``, ``pending`` for ``loft umount``/``status``."""
+
+    def stats(args: Message) -> Message:
+        return metrics.snapshot()
+
+    def pending(args: Message) -> Message:
+        blocks, nbytes = data.pending_uploads()
+        return {"blocks": blocks, "bytes": nbytes}
+
+    def warmup(args: Message) -> Iterator[Message]:
+        for inode in int_list(args, "inodes"):
+            fetched = cached = 0
+            error: str | None = None
+            try:
+                attr = meta.getattr(inode)
+                if attr.type != FileType.FILE:
+                    raise FSError(errno.EISDIR, "not a regular file")
+                fetched, cached = data.warm(inode, attr.size)
+            except LoftError as e:
+                error = str(e)
+            except OSError as e:
+                error = e.strerror or str(e)
+            yield {"inode": inode, "fetched_bytes": fetched, "cached_bytes": cached, "error": error}
+        yield {"done": True}
+
+    return {"stats": stats, "pending": pending, "warmup": warmup}
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

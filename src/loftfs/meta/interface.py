@@ -162,6 +162,17 @@ class Meta(ABC):
         """The last handle of this session on ``inode`` was closed: drop the open record, and
         delete the file if it was unlinked meanwhile and no other client has it open."""
 
+    def reopen(self, ctx: Ctx, inode: int, flags: int) -> Attr:
+        """``open`` of an inode this session's open record already covers (the file is open
+        here, or its release is deferred): only the permission check and fresh attributes,
+        which engines answer with a read-only transaction."""
+        return self.open(ctx, inode, flags)
+
+    def release_many(self, inodes: list[int]) -> None:
+        """``release`` of several inodes, in one transaction where the engine can."""
+        for inode in inodes:
+            self.release(inode)
+
     # --- file data ----------------------------------------------------------------------------
 
     @abstractmethod

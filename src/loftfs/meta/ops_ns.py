@@ -442,23 +442,42 @@ class NamespaceOps(MetaCore):
 
         return self._write(fn)
 
+    def reopen(self, ctx: Ctx, inode: int, flags: int) -> Attr:
+        mask = perm.open_mask(flags)
+
+        def fn(tx: Txn) -> Attr:
+            attr = self._get(tx, inode)
+            if attr.type == FileType.DIR and mask & W_OK:
+                raise FSError(errno.EISDIR)
+            perm.check(ctx, attr, mask)
+            return attr
+
+        return self._read(fn)
+
     def release(self, inode: int) -> None:
+        self.release_many([inode])
+
+    def release_many(self, inodes: list[int]) -> None:
         sid = self._sid
-        if not sid:
+        if not sid or not inodes:
             return
 
         def fn(tx: Txn, acct: Acct) -> None:
-            attr = tx.get_attr(inode)
-            holders = tx.open_sessions(inode)
-            tx.del_open(sid, inode)
-            tx.del_locks(sid, inode)
-            if attr is None or attr.nlink > 0 or any(s != sid for s in holders):
-                return
-            if sid not in holders:
-                return  # not ours: it was already dropped (or never opened here)
-            self._drop_unreferenced(tx, acct, attr, now_ns())
+            for inode in inodes:
+                self._release_in(tx, acct, sid, inode)
 
         self._write(fn)
+
+    def _release_in(self, tx: Txn, acct: Acct, sid: int, inode: int) -> None:
+        attr = tx.get_attr(inode)
+        holders = tx.open_sessions(inode)
+        tx.del_open(sid, inode)
+        tx.del_locks(sid, inode)
+        if attr is None or attr.nlink > 0 or any(s != sid for s in holders):
+            return
+        if sid not in holders:
+            return  # not ours: it was already dropped (or never opened here)
+        self._drop_unreferenced(tx, acct, attr, now_ns())
 
 
 def _with_gid(attr: Attr, gid: int) -> Attr:

@@ -7,7 +7,7 @@ import importlib
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loftfs.errors import ConfigError, ObjectNotFound, ObjectStoreError
 from loftfs.meta.types import VolumeSettings
@@ -16,6 +16,7 @@ from loftfs.object.interface import ObjectInfo, ObjectStore, ObjectStoreWrapper
 from loftfs.object.retry import RetryStore
 
 if TYPE_CHECKING:
+    from loftfs.metrics import Metrics
     from loftfs.object.encrypt import VolumeSecret
 
 
@@ -50,13 +51,19 @@ def storage_names() -> list[str]:
 
 
 def create_storage(
-    storage: str, bucket: str, *, compress: str = "none", **kw: object
+    storage: str,
+    bucket: str,
+    *,
+    compress: str = "none",
+    metrics: Any = None,  # Metrics | None (Any: callers pass backend options as **dict)
+    **kw: object,
 ) -> ObjectStore:
     """The store for ``bucket`` of backend ``storage`` (``file``: a directory path), wrapped
     with retries of transient errors and, unless ``compress`` is ``none``, compression.
     Backend options (credentials, endpoint...) go in ``kw``. Raises ``ConfigError`` with a
     one-line message for an unknown backend, algorithm or a malformed bucket. Does not create
-    the bucket: ``format`` calls ``create()``."""
+    the bucket: ``format`` calls ``create()``. With ``metrics``, every request the backend
+    answers (each retry included, with the bytes actually sent) is counted there."""
     name = storage.lower()
     if name not in _BACKENDS:
         raise ConfigError(
@@ -72,7 +79,12 @@ def create_storage(
     except ImportError as e:  # pragma: no cover - depends on installed extras
         raise ConfigError(f"storage {storage!r} needs extra packages: {hint or e}") from e
     factory: Callable[..., ObjectStore] = getattr(mod, func)
-    store: ObjectStore = RetryStore(factory(bucket, **kw))
+    store: ObjectStore = factory(bucket, **kw)
+    if metrics is not None:
+        from loftfs.object.metered import MeteredStore
+
+        store = MeteredStore(store, metrics)
+    store = RetryStore(store)
     if compress != "none":
         store = CompressedStore(store, compress)
     return store
@@ -122,7 +134,11 @@ def volume_storage_options(settings: VolumeSettings) -> dict[str, object]:
 
 
 def open_volume_storage(
-    settings: VolumeSettings, secret: VolumeSecret | None = None, *, need_data: bool = True
+    settings: VolumeSettings,
+    secret: VolumeSecret | None = None,
+    *,
+    need_data: bool = True,
+    metrics: Metrics | None = None,
 ) -> ObjectStore:
     """The object store of a formatted volume, as its settings describe it. Block keys carry the
     volume's uuid, so volumes can share a bucket.
@@ -135,7 +151,11 @@ def open_volume_storage(
     one too unless ``need_data`` is false: commands that only list and delete objects (gc,
     destroy) then get a locked encryption layer, whose ``get``/``put`` refuse."""
     store = create_storage(
-        settings.storage, settings.bucket, compress="none", **volume_storage_options(settings)
+        settings.storage,
+        settings.bucket,
+        compress="none",
+        metrics=metrics,
+        **volume_storage_options(settings),
     )
     if settings.encryption:
         from loftfs.object.encrypt import volume_store

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 FUSE_BINDINGS = ("lowlevel", "pyfuse3")
+
+
+def default_cache_dir() -> str:
+    """``/var/cache/loftfs`` for root, ``~/.cache/loftfs`` for other users; ``LOFT_CACHE_DIR``
+    overrides both (tests point it at a temporary directory)."""
+    env = os.environ.get("LOFT_CACHE_DIR")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/cache/loftfs"
+    return os.path.join(os.path.expanduser("~"), ".cache", "loftfs")
 
 
 @dataclass
@@ -28,3 +40,14 @@ class MountOptions:
     # locks across mounts included; "pyfuse3": the pyfuse3 binding (no lock, fallocate or
     # copy_file_range handlers). See docs/ARCHITECTURE.md for the measurements behind the default.
     fuse_binding: str = "lowlevel"
+    # Local disk block cache (chunk/cache_disk.py): directories (blocks spread over them by
+    # hash), total size (0 disables it) and the share of each file system kept free.
+    cache_dirs: list[str] = field(default_factory=lambda: [default_cache_dir()])
+    cache_size: int = 100 << 30
+    free_space_ratio: float = 0.1
+    # Write-back: blocks are acknowledged once staged durably in the disk cache and uploaded
+    # in the background (chunk/writeback.py). Needs the disk cache.
+    writeback: bool = False
+    writeback_drain_s: float = 60.0  # at unmount: give up waiting after this long without progress
+    # "HOST:PORT" of the Prometheus endpoint; empty: none.
+    metrics: str = ""

@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,14 @@ log = logging.getLogger(__name__)
 O_ACCMODE = os.O_ACCMODE
 XATTR_SIZE_MAX = 65536
 SEEN_MAX = 100_000
+# Deferred release: after the last close in this mount, a file's open record stays in the
+# metadata engine for up to RELEASE_LINGER_S seconds (RELEASE_BATCH files at most). Opening it
+# again meanwhile (the next epoch, the reader after the writer) costs a read-only transaction
+# instead of a write, and the releases are committed in batches. Unlink, rename, rmdir and
+# statfs commit the pending releases first, so deletions and usage are exact for this mount;
+# another client deleting such a file frees its space when the release is committed.
+RELEASE_LINGER_S = 2.0
+RELEASE_BATCH = 1024
 OPEN_LOCK_STRIPES = 256
 
 
@@ -88,6 +97,14 @@ class VFS:
         # metadata calls: otherwise a release finishing late could drop the open record of an
         # open that overtook it (and a rename over the file would then delete its data).
         self._open_locks = [threading.RLock() for _ in range(OPEN_LOCK_STRIPES)]
+        # inode -> when its last handle here closed; its open record is released later
+        self._lingering: OrderedDict[int, float] = OrderedDict()
+        self._linger_wake = threading.Event()
+        self._linger_stop = threading.Event()
+        self._linger_thread = threading.Thread(
+            target=self._linger_loop, name="loft-release", daemon=True
+        )
+        self._linger_thread.start()
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -183,6 +200,7 @@ class VFS:
         self.meta.access(ctx, inode, mask)
 
     def statfs(self, ctx: Ctx) -> StatFS:
+        self.release_lingering()
         return self.meta.statfs(ctx)
 
     # --- namespace -------------------------------------------------------------------------------
@@ -210,16 +228,19 @@ class VFS:
 
     def unlink(self, ctx: Ctx, parent: int, name: bytes) -> None:
         self._check_writable()
+        self.release_lingering()
         self.meta.unlink(ctx, parent, name)
 
     def rmdir(self, ctx: Ctx, parent: int, name: bytes) -> None:
         self._check_writable()
+        self.release_lingering()
         self.meta.rmdir(ctx, parent, name)
 
     def rename(
         self, ctx: Ctx, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0
     ) -> None:
         self._check_writable()
+        self.release_lingering()
         self.meta.rename(ctx, parent, name, new_parent, new_name, flags)
 
     # --- files -----------------------------------------------------------------------------------
@@ -259,7 +280,15 @@ class VFS:
         if flags & O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self._check_writable()
         with self._open_lock(inode):
-            attr = self.meta.open(ctx, inode, flags)
+            with self._lock:
+                st = self._inodes.get(inode)
+                covered = (st is not None and st.opens > 0) or inode in self._lingering
+            if covered:  # this session's open record is already there
+                attr = self.meta.reopen(ctx, inode, flags)
+                with self._lock:
+                    self._lingering.pop(inode, None)
+            else:
+                attr = self.meta.open(ctx, inode, flags)
             fh, keep = self._register_open(attr, flags)
         if flags & os.O_TRUNC and attr.type == FileType.FILE:
             try:
@@ -332,6 +361,7 @@ class VFS:
     def flush(self, fh: int) -> None:
         h = self._file(fh)
         if h.written:
+            h.written = False  # set again by the next write; release need not commit again
             self._commit(h.inode)
 
     def fsync(self, fh: int, datasync: bool = False) -> None:
@@ -369,8 +399,56 @@ class VFS:
                         self.data.flush(inode)
                     finally:
                         self.data.release_writer(inode)
-                        # meta tracks opens per (session, inode): only the last handle releases.
-                        self.meta.release(inode)
+                        # meta tracks opens per (session, inode): only the last handle releases,
+                        # and it does so a little later, in a batch (RELEASE_LINGER_S).
+                        with self._lock:
+                            self._lingering[inode] = time.monotonic()
+                            crowded = len(self._lingering) >= RELEASE_BATCH
+                        if crowded:
+                            self._linger_wake.set()
+
+    def _linger_loop(self) -> None:
+        while not self._linger_stop.is_set():
+            self._linger_wake.wait(RELEASE_LINGER_S / 2)
+            self._linger_wake.clear()
+            try:
+                self.release_lingering(older_than=RELEASE_LINGER_S)
+            except Exception as e:  # retried next round; the session cleanup is the backstop
+                log.warning("deferred release of open files failed: %s", e)
+
+    def release_lingering(self, older_than: float = 0.0) -> None:
+        """Commit the deferred releases of files closed at least ``older_than`` seconds ago
+        (all of them when there are more than ``RELEASE_BATCH``)."""
+        if not self._lingering:
+            return
+        now = time.monotonic()
+        with self._lock:
+            crowded = len(self._lingering) >= RELEASE_BATCH
+            due = [ino for ino, t in self._lingering.items() if crowded or now - t >= older_than]
+        for start in range(0, len(due), RELEASE_BATCH):
+            self._release_batch(due[start : start + RELEASE_BATCH])
+
+    def _release_batch(self, inodes: list[int]) -> None:
+        # Hold the open locks of these inodes (stripes in a fixed order: no deadlock) so that
+        # no open can rely on a record while it is being dropped.
+        stripes = sorted({ino % OPEN_LOCK_STRIPES for ino in inodes})
+        for i in stripes:
+            self._open_locks[i].acquire()
+        try:
+            with self._lock:
+                batch = [ino for ino in inodes if self._lingering.pop(ino, None) is not None]
+            if not batch:
+                return
+            try:
+                self.meta.release_many(batch)
+            except BaseException:
+                with self._lock:
+                    for ino in batch:
+                        self._lingering.setdefault(ino, 0.0)
+                raise
+        finally:
+            for i in reversed(stripes):
+                self._open_locks[i].release()
 
     def _open_lock(self, inode: int) -> threading.RLock:
         return self._open_locks[inode % OPEN_LOCK_STRIPES]
@@ -470,6 +548,10 @@ class VFS:
     # --- extended attributes ---------------------------------------------------------------------
 
     def getxattr(self, ctx: Ctx, inode: int, name: bytes) -> bytes:
+        if name.startswith(b"system."):
+            # POSIX ACLs are not supported, so system.* never exists: answered without a
+            # metadata call (``ls -l`` asks for system.posix_acl_access on every entry).
+            raise FSError(errno.ENODATA)
         return self.meta.getxattr(ctx, inode, name)
 
     def setxattr(self, ctx: Ctx, inode: int, name: bytes, value: bytes, flags: int = 0) -> None:
@@ -505,8 +587,13 @@ class VFS:
                 log.error("inode %d: buffered data could not be committed at unmount: %s", inode, e)
             finally:
                 self.data.release_writer(inode)
-        for inode in inodes:
-            try:
-                self.meta.release(inode)
-            except Exception as e:  # the session is closed next anyway
-                log.warning("inode %d: release at unmount failed: %s", inode, e)
+        self._linger_stop.set()
+        self._linger_wake.set()
+        self._linger_thread.join(timeout=10)
+        with self._lock:
+            inodes |= set(self._lingering)
+            self._lingering.clear()
+        try:
+            self.meta.release_many(sorted(inodes))
+        except Exception as e:  # the session is closed next anyway
+            log.warning("releasing %d open files at unmount failed: %s", len(inodes), e)

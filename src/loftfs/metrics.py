@@ -1,0 +1,460 @@
+"""Metrics of one mount: FUSE requests, object-store requests, and the state of the data path
+(caches, memory buffer, uploads), for Prometheus (``loft mount --metrics HOST:PORT``) and for
+``loft stats`` (``Metrics.snapshot()`` over the control socket).
+
+Each mount owns its ``CollectorRegistry``: one process may serve several mounts, and nothing
+leaks between them through prometheus_client's global registry.
+
+Every FUSE request is recorded, so recording must cost little next to the request itself. A
+prometheus_client ``Counter`` plus ``Histogram`` costs about 1.2 us per request (a lock per
+value, a linear scan of the buckets); ``LatencyStats`` keeps the same figures behind one lock
+with a binary search of the bounds, about 0.3 us, and turns them into Prometheus families only
+when scraped.
+
+The data path publishes its own figures through sources: ``register_source("mem_cache", fn)``
+where ``fn()`` returns ``{"hits": .., "used_bytes": ..}``. They are read at scrape time, so the
+data path keeps counting in its own structures and never calls into this module on its hot
+path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from loftfs.errors import ConfigError, FSError
+
+log = logging.getLogger(__name__)
+
+#: Upper bounds of the FUSE latency histogram: a cached getattr answers in tens of
+#: microseconds, a read that waits for the object store in seconds.
+FUSE_BUCKETS = (
+    50e-6, 100e-6, 250e-6, 500e-6,
+    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+#: Upper bounds of the object-request histogram: a local directory answers in a millisecond,
+#: a large PUT to a remote store may take tens of seconds.
+OBJECT_BUCKETS = (
+    1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+#: The requests of the FUSE low-level table, recorded from the start so that the hot path never
+#: creates an entry (other names are created on first use).
+FUSE_OPS = (
+    "lookup", "getattr", "setattr", "readlink", "mknod", "mkdir", "unlink", "rmdir", "symlink",
+    "rename", "link", "open", "read", "write", "flush", "release", "fsync", "opendir",
+    "readdir", "readdirplus", "releasedir", "fsyncdir", "statfs", "setxattr", "getxattr",
+    "listxattr", "removexattr", "access", "create", "getlk", "setlk", "flock", "fallocate",
+    "copy_file_range", "lseek",
+)  # fmt: skip
+OBJECT_METHODS = ("get", "put", "head", "delete", "delete_many", "list")
+
+#: Keys of a source that only ever grow: exposed as Prometheus counters (``..._total``). So is
+#: any key that ends in ``_total``; every other key is a gauge.
+COUNTER_KEYS = frozenset(
+    {
+        "hits",
+        "misses",
+        "evictions",
+        "errors",
+        "fetched_blocks",
+        "fetched_bytes",
+        "uploaded_blocks",
+        "uploaded_bytes",
+        "failed_uploads",
+    }
+)
+
+Source = Callable[[], Mapping[str, int | float]]
+_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
+
+
+def is_counter_key(key: str) -> bool:
+    """Whether a source's ``key`` only grows (a counter) rather than goes up and down."""
+    return key in COUNTER_KEYS or key.endswith("_total")
+
+
+def is_failure(exc: BaseException) -> bool:
+    """Whether a request that raised ``exc`` failed, as opposed to got a POSIX answer.
+
+    ENOENT, EEXIST, EACCES, ENOSPC... are the file system's answers to what was asked; EIO (and
+    anything that is not an ``FSError``: the FUSE layer answers it with EIO) means loftfs, its
+    metadata engine or its object store failed. Only those are counted as errors.
+    """
+    return not isinstance(exc, FSError) or exc.errno in (0, errno.EIO)
+
+
+class LatencyStats:
+    """Count, failures, total seconds and latency histogram of one kind of request.
+
+    ``observe`` is called from many threads at once; one lock keeps the figures consistent
+    with each other (the count always equals the sum of the buckets).
+    """
+
+    __slots__ = ("_bounds", "_buckets", "_lock", "count", "errors", "seconds")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._buckets = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self._lock = threading.Lock()
+        self.count = 0
+        self.errors = 0
+        self.seconds = 0.0
+
+    def observe(self, seconds: float, failed: bool = False) -> None:
+        i = bisect.bisect_left(self._bounds, seconds)  # Prometheus buckets are "<= bound"
+        with self._lock:
+            self._buckets[i] += 1
+            self.count += 1
+            self.seconds += seconds
+            if failed:
+                self.errors += 1
+
+    def read(self) -> tuple[int, int, float, list[int]]:
+        """(count, errors, seconds, per-bucket counts) at one instant."""
+        with self._lock:
+            return self.count, self.errors, self.seconds, list(self._buckets)
+
+    def cumulative_buckets(self, buckets: list[int]) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip((*self._bounds, float("inf")), buckets, strict=True):
+            total += n
+            out.append((floatToGoString(bound), total))
+        return out
+
+
+class Metrics:
+    """Every figure of one mount, with its own Prometheus registry.
+
+    ``info`` (volume name, mountpoint...) becomes the labels of ``loftfs_mount_info`` and the
+    ``info`` of the snapshot, so that scrapes of several mounts can be told apart.
+    """
+
+    def __init__(self, info: Mapping[str, str] | None = None) -> None:
+        self.info = {str(k): str(v) for k, v in (info or {}).items()}
+        for key in self.info:
+            if not _NAME.match(key):
+                raise ValueError(f"bad info label {key!r}: use lowercase letters, digits and _")
+        self.started = time.time()
+        self._started_mono = time.monotonic()
+        self._lock = threading.Lock()
+        self._ops: dict[str, LatencyStats] = {op: LatencyStats(FUSE_BUCKETS) for op in FUSE_OPS}
+        self._requests: dict[str, LatencyStats] = {
+            m: LatencyStats(OBJECT_BUCKETS) for m in OBJECT_METHODS
+        }
+        self._bytes = {"get": 0, "put": 0}
+        self._sources: dict[str, Source] = {}
+        self._failing_sources: set[str] = set()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_MetricsCollector(self))
+
+    # --- recording ---------------------------------------------------------------------------
+
+    def _stats(
+        self, table: dict[str, LatencyStats], name: str, bounds: tuple[float, ...]
+    ) -> LatencyStats:
+        stats = table.get(name)
+        if stats is None:
+            with self._lock:
+                stats = table.setdefault(name, LatencyStats(bounds))
+        return stats
+
+    def op_observer(self, op: str) -> Callable[[float, bool], None]:
+        """The recorder of one FUSE request type, bound once: ``observer(seconds, failed)``."""
+        return self._stats(self._ops, op, FUSE_BUCKETS).observe
+
+    def observe_op(self, op: str, seconds: float, failed: bool = False) -> None:
+        """Record one FUSE request: its type, how long it took, whether it failed
+        (``is_failure``)."""
+        stats = self._ops.get(op)
+        if stats is None:
+            stats = self._stats(self._ops, op, FUSE_BUCKETS)
+        stats.observe(seconds, failed)
+
+    def observe_request(
+        self, method: str, seconds: float, failed: bool = False, nbytes: int = 0
+    ) -> None:
+        """Record one object-store request; ``nbytes`` received by a ``get`` or sent by a
+        ``put``."""
+        stats = self._requests.get(method)
+        if stats is None:
+            stats = self._stats(self._requests, method, OBJECT_BUCKETS)
+        stats.observe(seconds, failed)
+        if nbytes and method in self._bytes:
+            with self._lock:
+                self._bytes[method] += nbytes
+
+    def register_source(self, name: str, fn: Source) -> None:
+        """Publish the figures ``fn()`` returns as ``loftfs_<name>_<key>``: counters for the
+        keys ``is_counter_key`` names, gauges for the rest. ``fn`` is called at each scrape and
+        snapshot, from another thread: it must be cheap and thread-safe. Registering a name
+        again replaces its function."""
+        if not _NAME.match(name):
+            raise ValueError(f"bad source name {name!r}: use lowercase letters, digits and _")
+        with self._lock:
+            self._sources[name] = fn
+            self._failing_sources.discard(name)
+
+    def unregister_source(self, name: str) -> None:
+        with self._lock:
+            self._sources.pop(name, None)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def uptime_s(self) -> float:
+        return time.monotonic() - self._started_mono
+
+    def ops(self) -> Iterator[tuple[str, LatencyStats]]:
+        with self._lock:
+            items = list(self._ops.items())
+        return iter(items)
+
+    def requests(self) -> Iterator[tuple[str, LatencyStats]]:
+        with self._lock:
+            items = list(self._requests.items())
+        return iter(items)
+
+    def bytes_transferred(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._bytes)
+
+    def read_sources(self) -> dict[str, dict[str, int | float]]:
+        """The current figures of every source; a source that fails is left out (and logged
+        once, until it works again), so one broken callback never breaks a scrape."""
+        with self._lock:
+            sources = list(self._sources.items())
+        out: dict[str, dict[str, int | float]] = {}
+        for name, fn in sources:
+            try:
+                figures = fn()
+            except Exception:
+                if name not in self._failing_sources:
+                    self._failing_sources.add(name)
+                    log.warning("metrics source %s failed", name, exc_info=True)
+                continue
+            self._failing_sources.discard(name)
+            values: dict[str, int | float] = {}
+            for key, value in figures.items():
+                if isinstance(key, str) and _NAME.match(key) and isinstance(value, int | float):
+                    values[key] = value
+            out[name] = values
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything as plain JSON-able data (what ``loft stats`` shows): per FUSE request
+        type and per object-store method the request count, failures and total seconds (only
+        those seen at least once), bytes moved, and the figures of every source."""
+        fuse: dict[str, dict[str, float]] = {}
+        for op, stats in self.ops():
+            count, errors, seconds, _ = stats.read()
+            if count:
+                fuse[op] = {"count": count, "errors": errors, "seconds": seconds}
+        requests: dict[str, dict[str, float]] = {}
+        for method, stats in self.requests():
+            count, errors, seconds, _ = stats.read()
+            if count:
+                requests[method] = {"count": count, "errors": errors, "seconds": seconds}
+        return {
+            "time": time.time(),
+            "uptime_s": self.uptime_s(),
+            "info": dict(self.info),
+            "fuse": fuse,
+            "object": {"requests": requests, "bytes": self.bytes_transferred()},
+            "sources": self.read_sources(),
+        }
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this mount."""
+        return generate_latest(self.registry)
+
+    # --- HTTP endpoint -----------------------------------------------------------------------
+
+    def serve_http(self, host: str, port: int) -> tuple[int, Callable[[], None]]:
+        """Serve ``/metrics`` on ``host:port`` from a daemon thread; port 0 picks a free one.
+        Returns the port and a function that stops the server. ``ConfigError`` when the
+        address cannot be used (taken, unknown host)."""
+        return serve_registry(self.registry, host, port)
+
+
+class _MetricsCollector(Collector):
+    """Turns a ``Metrics`` into Prometheus families at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self.metrics
+        if m.info:
+            info = GaugeMetricFamily(
+                "loftfs_mount_info", "The mount this process serves", labels=sorted(m.info)
+            )
+            info.add_metric([m.info[k] for k in sorted(m.info)], 1)
+            yield info
+        yield GaugeMetricFamily(
+            "loftfs_uptime_seconds", "Seconds since the mount started", value=m.uptime_s()
+        )
+        yield from _latency_families(
+            m.ops(),
+            "op",
+            "loftfs_fuse_ops",
+            "FUSE requests answered",
+            "loftfs_fuse_errors",
+            "FUSE requests answered with EIO (POSIX answers such as ENOENT are not errors)",
+            "loftfs_fuse_op_seconds",
+            "Time to answer a FUSE request",
+        )
+        yield from _latency_families(
+            m.requests(),
+            "method",
+            "loftfs_object_requests",
+            "Object-store requests (each retry is a request)",
+            "loftfs_object_errors",
+            "Object-store requests that failed",
+            "loftfs_object_request_seconds",
+            "Time of an object-store request",
+        )
+        moved = CounterMetricFamily(
+            "loftfs_object_bytes",
+            "Bytes received by GETs and sent by PUTs, as stored (compressed, encrypted)",
+            labels=["direction"],
+        )
+        for direction, n in sorted(m.bytes_transferred().items()):
+            moved.add_metric([direction], n)
+        yield moved
+        for name, figures in sorted(m.read_sources().items()):
+            for key, value in sorted(figures.items()):
+                full = f"loftfs_{name}_{key}"
+                help_text = f"{key.replace('_', ' ')} of the {name.replace('_', ' ')}"
+                if is_counter_key(key):
+                    yield CounterMetricFamily(full, help_text, value=value)
+                else:
+                    yield GaugeMetricFamily(full, help_text, value=value)
+
+
+def _latency_families(
+    table: Iterable[tuple[str, LatencyStats]],
+    label: str,
+    count_name: str,
+    count_help: str,
+    errors_name: str,
+    errors_help: str,
+    hist_name: str,
+    hist_help: str,
+) -> Iterator[Metric]:
+    counts = CounterMetricFamily(count_name, count_help, labels=[label])
+    errors = CounterMetricFamily(errors_name, errors_help, labels=[label])
+    hist = HistogramMetricFamily(hist_name, hist_help, labels=[label])
+    for name, stats in sorted(table):
+        count, failed, seconds, buckets = stats.read()
+        if not count:
+            continue  # hundreds of empty series help nobody
+        counts.add_metric([name], count)
+        errors.add_metric([name], failed)
+        hist.add_metric([name], stats.cumulative_buckets(buckets), seconds)
+    yield counts
+    yield errors
+    yield hist
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr for every scrape."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve_registry(
+    registry: CollectorRegistry, host: str, port: int
+) -> tuple[int, Callable[[], None]]:
+    """Serve ``registry`` at ``http://host:port/metrics`` (other paths answer 404)."""
+    app = make_wsgi_app(registry)
+
+    def routed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "") in ("/metrics", "/metrics/"):
+            result: Iterable[bytes] = app(environ, start_response)
+            return result
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"loftfs serves its metrics at /metrics\n"]
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror}") from None
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    try:
+        httpd = make_server(host, port, routed, Server, handler_class=_QuietHandler)
+    except OSError as e:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
+    thread = threading.Thread(target=httpd.serve_forever, name="loft-metrics-http", daemon=True)
+    thread.start()
+    stopped = threading.Event()
+
+    def stop() -> None:
+        if stopped.is_set():
+            return
+        stopped.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+    return int(httpd.server_port), stop
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """(host, port) of ``--metrics``: ``HOST:PORT``, ``[IPV6]:PORT``, ``:PORT`` (every
+    interface) or ``PORT`` (127.0.0.1). Port 0 picks a free port. ``ConfigError`` otherwise."""
+    s = text.strip()
+    hint = "expected HOST:PORT, e.g. 127.0.0.1:9567"
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"bad listen address {text!r}: {why} ({hint})")
+
+    if not s:
+        raise bad("empty")
+    if s.startswith("["):
+        host, sep, rest = s[1:].partition("]")
+        if not sep or not host:
+            raise bad("unclosed or empty [IPv6] address")
+        if not rest.startswith(":"):
+            raise bad("missing :PORT after the IPv6 address")
+        port_text = rest[1:]
+    elif ":" not in s:
+        host, port_text = "127.0.0.1", s
+    elif s.count(":") > 1:
+        raise bad("write an IPv6 address in brackets, e.g. [::1]:9567")
+    else:
+        host, _, port_text = s.partition(":")
+        host = host or "0.0.0.0"
+    if not port_text.isdigit():
+        raise bad(f"port {port_text!r} is not a number" if port_text else "missing port")
+    port = int(port_text)
+    if port > 65535:
+        raise bad(f"port {port} is out of range (0-65535)")
+    if any(c.isspace() for c in host):
+        raise bad("spaces in the host")
+    return host, port
