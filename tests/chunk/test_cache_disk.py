@@ -111,7 +111,8 @@ def make(tmp_path: Path) -> Iterator[Callable[..., DiskCache]]:
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """``tmpfs("2m")``: a fresh tmpfs of that size (unmounted at teardown)."""
+    """``tmpfs("2m")``: a fresh tmpfs of that size, unmounted at teardown (ask for it before
+    ``make`` so that the caches on it are closed first)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mounts: list[Path] = []
@@ -370,7 +371,7 @@ def test_oversized_block_is_not_cached(make: Callable[..., DiskCache]) -> None:
     assert cache.stats()["evictions"] == 0
 
 
-def test_free_ratio_is_kept(make: Callable[..., DiskCache], tmpfs: Callable[[str], Path]) -> None:
+def test_free_ratio_is_kept(tmpfs: Callable[[str], Path], make: Callable[..., DiskCache]) -> None:
     mnt = tmpfs("4m")
     length = 64 << 10
     cache = make(dirs=[mnt], capacity=1 << 30, free_ratio=0.5)
@@ -385,7 +386,7 @@ def test_free_ratio_is_kept(make: Callable[..., DiskCache], tmpfs: Callable[[str
 
 
 def test_space_taken_by_others_is_given_back(
-    make: Callable[..., DiskCache], tmpfs: Callable[[str], Path]
+    tmpfs: Callable[[str], Path], make: Callable[..., DiskCache]
 ) -> None:
     mnt = tmpfs("4m")
     length = 64 << 10
@@ -592,7 +593,7 @@ def test_staged_block_corruption_is_reported(
 
 
 def test_read_only_dir_causes_no_errors_and_is_retried(
-    make: Callable[..., DiskCache], tmpfs: Callable[[str], Path]
+    tmpfs: Callable[[str], Path], make: Callable[..., DiskCache]
 ) -> None:
     mnt = tmpfs("4m")
     cache = make(dirs=[mnt], retry_after_s=0.3)
@@ -616,7 +617,7 @@ def test_read_only_dir_causes_no_errors_and_is_retried(
 
 
 def test_full_disk_causes_no_errors(
-    make: Callable[..., DiskCache], tmpfs: Callable[[str], Path]
+    tmpfs: Callable[[str], Path], make: Callable[..., DiskCache]
 ) -> None:
     mnt = tmpfs("1m")
     length = 64 << 10

@@ -176,7 +176,7 @@ def _options(**over: object) -> dict:
         "attr_timeout": 1.0,
         "entry_timeout": 1.0,
         "dir_entry_timeout": 1.0,
-        "no_xattr": False,
+        "enable_xattr": True,
         "read_only": False,
         "heartbeat": 12.0,
         "gc_interval": 30.0,
@@ -191,7 +191,7 @@ def test_mount_options() -> None:
     assert opts.buffer_size == 300 << 20
     assert opts.read_only is True
     assert opts.fuse_options == ["allow_other", "ro", "default_permissions"]
-    assert build_options(**_options(no_xattr=True)).enable_xattr is False
+    assert build_options(**_options(enable_xattr=False)).enable_xattr is False
 
 
 @pytest.mark.parametrize(
@@ -216,7 +216,7 @@ def test_background_child_gets_every_option() -> None:
             buffer_size="64M",
             upload_threads=3,
             attr_timeout=2.5,
-            no_xattr=True,
+            enable_xattr=True,
             read_only=True,
             fuse_options=["allow_other"],
         )
@@ -228,6 +228,6 @@ def test_background_child_gets_every_option() -> None:
     for pair in (["--buffer-size", str(64 << 20)], ["--upload-threads", "3"], ["--ready-fd", "7"]):
         i = args.index(pair[0])
         assert args[i + 1] == pair[1]
-    assert "--no-xattr" in args and "--read-only" in args
+    assert "--enable-xattr" in args and "--read-only" in args
     assert args[args.index("-o") + 1] == "allow_other"
     assert "-d" not in args and "--background" not in args

@@ -147,7 +147,8 @@ def shared_mount(tmp_path_factory: pytest.TempPathFactory, mount_base: Path) -> 
     if fuse_unavailable():
         pytest.skip(fuse_unavailable() or "")
     with _mounter(mount_base) as m:
-        yield m.mount(make_volume(tmp_path_factory.mktemp("shared") / "vol"))
+        # extended attributes on: the POSIX files exercise them through this mount
+        yield m.mount(make_volume(tmp_path_factory.mktemp("shared") / "vol"), "--enable-xattr")
 
 
 @pytest.fixture

@@ -173,6 +173,9 @@ def test_cache_reused_after_remount(mounter: Mounter, volume: Volume, tmp_path: 
     m = mounter.mount(volume, "--cache-dir", str(cache))
     data = os.urandom(5 * MIB)
     (m.path / "f").write_bytes(data)
+    m = mounter.remount(m)  # full blocks are cached on their first read, not on write
+    drop_page_cache()
+    assert (m.path / "f").read_bytes() == data
     m.umount()
     uuid = volume_uuid(volume)
     assert cache_files(cache, uuid, "raw")

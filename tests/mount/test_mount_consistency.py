@@ -21,6 +21,8 @@ from loftmount import LOFT, MIB, Mount, Mounter, Volume, is_mounted, loft, pid_a
 # expire: the default entry and attribute timeouts are 1 s.
 CACHE_EXPIRY_S = 5
 
+XATTR = ("--enable-xattr",)  # the trees below carry extended attributes
+
 
 def snapshot(root: Path) -> dict[str, dict[str, Any]]:
     """Everything a remount must preserve, per relative path (not inode numbers or atime)."""
@@ -72,7 +74,7 @@ def populate(root: Path, rng: random.Random) -> None:
 
 
 def test_persistence_across_remount(mounter: Mounter, volume: Volume) -> None:
-    m = mounter.mount(volume)
+    m = mounter.mount(volume, *XATTR)
     populate(m.path, random.Random(5))
     before = snapshot(m.path)
     m = mounter.remount(m)
@@ -92,7 +94,7 @@ def test_persistence_across_remount(mounter: Mounter, volume: Volume) -> None:
 
 
 def test_clean_umount_ends_the_session(mounter: Mounter, volume: Volume) -> None:
-    m = mounter.mount(volume)
+    m = mounter.mount(volume, *XATTR)
     (m.path / "f").write_bytes(b"x")
     status = json.loads(loft("status", volume.meta_url, "--json").stdout)
     assert [s["pid"] for s in status["sessions"]] == [m.pid]
@@ -103,14 +105,14 @@ def test_clean_umount_ends_the_session(mounter: Mounter, volume: Volume) -> None
 
 
 def test_sigterm_unmounts_cleanly(mounter: Mounter, volume: Volume) -> None:
-    m = mounter.mount(volume)
+    m = mounter.mount(volume, *XATTR)
     data = os.urandom(3 * MIB)
     (m.path / "f").write_bytes(data)
     m.kill(signal.SIGTERM)
     assert wait_until(lambda: not is_mounted(m.path), 30), "SIGTERM left the mount behind"
     assert not pid_alive(m.pid)
     assert json.loads(loft("status", volume.meta_url, "--json").stdout)["sessions"] == []
-    m = mounter.mount(volume, path=m.path)
+    m = mounter.mount(volume, *XATTR, path=m.path)
     assert (m.path / "f").read_bytes() == data
 
 
@@ -134,13 +136,13 @@ def test_foreground_mount_stops_on_sigint(mounter: Mounter, volume: Volume) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    m = mounter.mount(volume, path=path)
+    m = mounter.mount(volume, *XATTR, path=path)
     assert (m.path / "f").read_bytes() == b"foreground"
 
 
 def test_two_mounts_close_to_open(mounter: Mounter, volume: Volume) -> None:
-    a = mounter.mount(volume)
-    b = mounter.mount(volume)
+    a = mounter.mount(volume, *XATTR)
+    b = mounter.mount(volume, *XATTR)
     assert a.pid != b.pid
 
     data = os.urandom(2 * MIB + 3)
@@ -174,8 +176,8 @@ def test_two_mounts_close_to_open(mounter: Mounter, volume: Volume) -> None:
 
 
 def test_two_mounts_see_namespace_changes(mounter: Mounter, volume: Volume) -> None:
-    a = mounter.mount(volume)
-    b = mounter.mount(volume)
+    a = mounter.mount(volume, *XATTR)
+    b = mounter.mount(volume, *XATTR)
     (a.path / "d").mkdir()
     (a.path / "d" / "f").write_bytes(b"content")
     assert sorted(os.listdir(b.path / "d")) == ["f"]
@@ -196,8 +198,8 @@ def test_two_mounts_see_namespace_changes(mounter: Mounter, volume: Volume) -> N
 
 
 def test_two_mounts_unlink_while_open_elsewhere(mounter: Mounter, volume: Volume) -> None:
-    a = mounter.mount(volume)
-    b = mounter.mount(volume)
+    a = mounter.mount(volume, *XATTR)
+    b = mounter.mount(volume, *XATTR)
     data = os.urandom(3 * MIB)
     (a.path / "f").write_bytes(data)
     with open(b.path / "f", "rb") as held:
@@ -230,7 +232,7 @@ def _check_pattern(data: bytes, seed: int) -> None:
 
 
 def test_kill9_keeps_fsynced_data(mounter: Mounter, volume: Volume) -> None:
-    m = mounter.mount(volume)
+    m = mounter.mount(volume, *XATTR)
     durable = os.urandom(5 * MIB + 1)
     fd = os.open(m.path / "durable", os.O_WRONLY | os.O_CREAT, 0o644)
     os.write(fd, durable)
@@ -260,7 +262,7 @@ def test_kill9_keeps_fsynced_data(mounter: Mounter, volume: Volume) -> None:
     m.detach()
     assert not is_mounted(m.path)
 
-    m2 = mounter.mount(volume, path=m.path)
+    m2 = mounter.mount(volume, *XATTR, path=m.path)
     assert (m2.path / "durable").read_bytes() == durable
     assert (m2.path / "closed").read_bytes() == closed
     if (m2.path / "inflight").exists():
@@ -277,7 +279,7 @@ def test_kill9_session_is_cleaned(mounter: Mounter, volume: Volume) -> None:
     """The session of a killed mount disappears from ``loft status`` (at the latest after the
     stale-session timeout), taking its open-file records along: a file unlinked while open
     there is purged."""
-    m = mounter.mount(volume)
+    m = mounter.mount(volume, *XATTR)
     (m.path / "held").write_bytes(os.urandom(2 * MIB))
     holder = subprocess.Popen(
         [

@@ -23,7 +23,7 @@ from loftfs.chunk.compaction import Compactor
 from loftfs.chunk.gc import BlockGC
 from loftfs.chunk.pool import WorkerPool
 from loftfs.chunk.prefetch import ReadState
-from loftfs.chunk.reader import BlockFetcher, Reader, SliceCache
+from loftfs.chunk.reader import BlockFetcher, BlockSlice, Reader, SliceCache
 from loftfs.chunk.writeback import WriteBack
 from loftfs.chunk.writer import FileWriter, WriteContext
 from loftfs.errors import ConfigError
@@ -35,7 +35,7 @@ from loftfs.vfs.options import MountOptions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataPath", "FileWriter", "ReadState"]
+__all__ = ["BlockSlice", "DataPath", "FileWriter", "ReadState"]
 
 
 class DataPath:
@@ -68,7 +68,7 @@ class DataPath:
         self.raw_store = store
         # What the writers, compaction, gc and the fetcher use: the disk cache and write-back
         # in front of the volume's store.
-        self.store = store = CachedBlockStore(store, self.disk, self.writeback)
+        self.store = store = CachedBlockStore(store, self.disk, self.writeback, settings.block_size)
         self.opts = opts
         self.block_size = settings.block_size
         self.budget = MemoryBudget(opts.buffer_size)
@@ -129,7 +129,16 @@ class DataPath:
     ) -> bytes:
         """Committed content of ``[offset, min(offset + size, file_size))``; holes read as
         zeros. ``FSError(EIO)`` when a block is missing or damaged (never wrong data)."""
-        return self.reader.read(inode, offset, size, file_size, state)
+        data = self.reader.read(inode, offset, size, file_size, state)
+        assert isinstance(data, bytes)
+        return data
+
+    def read_span(
+        self, inode: int, offset: int, size: int, file_size: int, state: ReadState | None = None
+    ) -> bytes | BlockSlice:
+        """``read``, but a range within one cached block comes back as a ``BlockSlice`` of it
+        (no copy), for the FUSE reply."""
+        return self.reader.read(inode, offset, size, file_size, state, span_ok=True)
 
     def invalidate(self, inode: int) -> None:
         """Forget cached slice lists of ``inode`` (open, truncate, changes by other clients)."""

@@ -9,6 +9,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from loftfs.chunk.cache_mem import MemBlockCache
 from loftfs.chunk.layout import Segment, block_key, chunk_ranges, overlay
@@ -188,6 +189,21 @@ class BlockFetcher:
 # --- reader ---------------------------------------------------------------------------------
 
 
+class BlockSlice(NamedTuple):
+    """Bytes ``[start, end)`` of a cached block, for the FUSE reply to send without copying
+    them first (a read within one block is the common case of sequential reads)."""
+
+    block: bytes
+    start: int
+    end: int
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return self.end - self.start
+
+    def __bytes__(self) -> bytes:
+        return self.block[self.start : self.end]
+
+
 class Reader:
     """Maps file ranges to blocks and assembles the bytes; holes read as zeros."""
 
@@ -271,6 +287,15 @@ class Reader:
         """Fetch the blocks of ``pieces`` (in parallel when several miss) and join the bytes.
         ``ranged``: a random read; pieces that are a small part of their block are read from
         the caches alone when there (``BlockFetcher.get_range``)."""
+        data = self._assemble(pieces, cache=cache, ranged=ranged, span_ok=False)
+        assert isinstance(data, bytes)
+        return data
+
+    def _assemble(
+        self, pieces: list[_Piece], *, cache: bool, ranged: bool, span_ok: bool
+    ) -> bytes | BlockSlice:
+        """``assemble``; with ``span_ok`` a range of a single block is returned as a
+        ``BlockSlice`` of it instead of a copy."""
         blocks: dict[str, bytes] = {}
         missing: dict[str, int] = {}
         parts: dict[int, bytes] = {}
@@ -304,6 +329,9 @@ class Reader:
                     first_error = first_error or e
             if first_error is not None:
                 raise first_error
+        if span_ok and len(pieces) == 1 and not parts and pieces[0].key:
+            p = pieces[0]
+            return BlockSlice(blocks[p.key], p.a, p.b)
         out = []
         for i, p in enumerate(pieces):
             part = parts.get(i)
@@ -321,8 +349,14 @@ class Reader:
     # reads
 
     def read(
-        self, inode: int, offset: int, size: int, file_size: int, state: ReadState | None
-    ) -> bytes:
+        self,
+        inode: int,
+        offset: int,
+        size: int,
+        file_size: int,
+        state: ReadState | None,
+        span_ok: bool = False,
+    ) -> bytes | BlockSlice:
         end = min(offset + size, file_size)
         if size <= 0 or offset >= end:
             return b""
@@ -335,7 +369,12 @@ class Reader:
                 if ahead is not None:
                     self._read_ahead(inode, *ahead)
             try:
-                return self.assemble(pieces, ranged=state is not None and state.window == 0)
+                return self._assemble(
+                    pieces,
+                    cache=True,
+                    ranged=state is not None and state.window == 0,
+                    span_ok=span_ok,
+                )
             except BlockUnavailable as e:
                 if not e.missing or attempt == 2:
                     raise

@@ -72,7 +72,7 @@ def build_options(
     attr_timeout: float,
     entry_timeout: float,
     dir_entry_timeout: float,
-    no_xattr: bool,
+    enable_xattr: bool,
     read_only: bool,
     heartbeat: float,
     gc_interval: float,
@@ -136,7 +136,7 @@ def build_options(
         attr_timeout=attr_timeout,
         entry_timeout=entry_timeout,
         dir_entry_timeout=dir_entry_timeout,
-        enable_xattr=not no_xattr,
+        enable_xattr=enable_xattr,
         read_only=read_only,
         heartbeat_s=heartbeat,
         gc_interval_s=gc_interval,
@@ -197,8 +197,8 @@ def child_args(
         "--ready-fd",
         str(ready_fd),
     ]
-    if not opts.enable_xattr:
-        args.append("--no-xattr")
+    if opts.enable_xattr:
+        args.append("--enable-xattr")
     if opts.read_only:
         args.append("--read-only")
     if opts.writeback:
@@ -475,9 +475,14 @@ def mount_cmd(
     dir_entry_timeout: Annotated[
         float, typer.Option("--dir-entry-timeout", help="Kernel name cache for directories")
     ] = _DEFAULTS.dir_entry_timeout,
-    no_xattr: Annotated[
-        bool, typer.Option("--no-xattr", help="Disable extended attributes (faster writes)")
-    ] = False,
+    enable_xattr: Annotated[
+        bool,
+        typer.Option(
+            "--enable-xattr/--no-xattr",
+            help="Extended attributes (off by default: each write and each entry of 'ls -l' "
+            "then costs fewer kernel round trips)",
+        ),
+    ] = _DEFAULTS.enable_xattr,
     read_only: Annotated[bool, typer.Option("--read-only", help="Mount read-only")] = False,
     heartbeat: Annotated[
         float, typer.Option("--heartbeat", help="Session heartbeat interval, seconds")
@@ -598,7 +603,7 @@ def mount_cmd(
         attr_timeout=attr_timeout,
         entry_timeout=entry_timeout,
         dir_entry_timeout=dir_entry_timeout,
-        no_xattr=no_xattr,
+        enable_xattr=enable_xattr,
         read_only=read_only,
         heartbeat=heartbeat,
         gc_interval=gc_interval,

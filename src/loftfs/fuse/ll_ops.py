@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from loftfs.chunk.reader import BlockSlice
 from loftfs.errors import FSError, LoftError
 from loftfs.fuse import ll_abi as abi
 from loftfs.fuse.common import BLOCK_UNIT, fill_statvfs
@@ -533,9 +534,12 @@ class LowLevelOperations:
             self.vfs.release(fh)
 
     def read(self, req: int, ino: int, size: int, off: int, fi: Any) -> None:
-        data = self.vfs.read(fi.contents.fh, off, size)
-        if not isinstance(data, bytes):
-            data = bytes(data)
+        data = self.vfs.read_span(fi.contents.fh, off, size)
+        if isinstance(data, BlockSlice):
+            # The reply copies straight from the cached block: no intermediate bytes object.
+            base = ctypes.cast(ctypes.c_char_p(data.block), ctypes.c_void_p).value or 0
+            self.lib.fuse_reply_buf(req, base + data.start, data.end - data.start)
+            return
         self.lib.fuse_reply_buf(req, data, len(data))
 
     def write(self, req: int, ino: int, buf: int, size: int, off: int, fi: Any) -> None:

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from loftfs.chunk.datapath import DataPath, ReadState
+from loftfs.chunk.datapath import BlockSlice, DataPath, ReadState
 from loftfs.errors import FSError
 from loftfs.meta.interface import Meta
 from loftfs.meta.types import (
@@ -320,6 +320,11 @@ class VFS:
         return st.size
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
+        return bytes(self.read_span(fh, offset, size))
+
+    def read_span(self, fh: int, offset: int, size: int) -> bytes | BlockSlice:
+        """``read``; a range within one cached block may come back as a ``BlockSlice`` of it,
+        which the FUSE reply sends without copying."""
         h = self._file(fh)
         if h.flags & O_ACCMODE == os.O_WRONLY:
             raise FSError(errno.EBADF)
@@ -329,7 +334,7 @@ class VFS:
             # Read-your-writes within this mount: commit what is buffered first.
             self.data.flush(h.inode)
             self._refresh_size(h.inode)
-        return self.data.read(h.inode, offset, size, self._file_size(h.inode), h.read_state)
+        return self.data.read_span(h.inode, offset, size, self._file_size(h.inode), h.read_state)
 
     def _refresh_size(self, inode: int) -> None:
         st = self._inodes.get(inode)
