@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from loftfs.errors import ObjectNotFound, ObjectStoreError
-from loftfs.object.file import TMP_PREFIX, FileObjectStore
+from loftfs.object import file as file_module
+from loftfs.object.file import SYNC_EACH_LIMIT, TMP_PREFIX, FileObjectStore
 
 
 def test_keys_are_files(tmp_path: Path) -> None:
@@ -176,3 +177,29 @@ def test_listing_never_leaves_the_root(tmp_path: Path, prefix: str) -> None:
     store.put("a/k", b"1")
     assert list(store.list(prefix)) == []
     assert list(store.list(prefix, delimiter="/")) == []
+
+
+@pytest.mark.parametrize("count", [3, SYNC_EACH_LIMIT + 5])
+def test_sync_covers_what_was_put(tmp_path: Path, count: int) -> None:
+    """``sync`` fsyncs the objects written since the last call (one by one, or the whole file
+    system at once when there are many); deleted ones are skipped; nothing stays pending."""
+    store = FileObjectStore(str(tmp_path / "bucket"))
+    store.create()
+    for i in range(count):
+        store.put(f"a/{i % 3}/k{i}", b"x" * i)
+    store.delete("a/0/k0")
+    assert len(store._pending) == count
+    store.sync()
+    assert not store._pending
+    store.sync()  # nothing to do
+    keys = {i.key for i in store.list("a/")}
+    assert len(keys) == count - 1 and "a/0/k0" not in keys
+
+
+def test_pending_objects_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_module, "PENDING_LIMIT", 10)
+    store = FileObjectStore(str(tmp_path / "bucket"))
+    store.create()
+    for i in range(25):
+        store.put(f"k{i}", b"data")
+        assert len(store._pending) < 10

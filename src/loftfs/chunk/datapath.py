@@ -266,6 +266,10 @@ class DataPath:
         if self.writeback is not None:
             metrics.register_source("writeback", self.writeback.stats)
 
+    def sync(self) -> None:
+        """Make every block uploaded so far durable in the object store (``fsync()``)."""
+        self.store.sync()
+
     def pending_uploads(self) -> tuple[int, int]:
         """(blocks, bytes) written but not yet in the object store (write-back)."""
         return self.writeback.pending() if self.writeback is not None else (0, 0)
@@ -293,6 +297,11 @@ class DataPath:
         if self.writeback is not None:
             self.remaining_uploads = self.writeback.drain(self.opts.writeback_drain_s)
             self.writeback.close()
+        try:
+            self.store.sync()  # "umount returned" means the data is on stable storage
+        except Exception as e:
+            log.error("syncing the object store at unmount failed: %s", e)
+            first_error = first_error or e
         if self.disk is not None:
             self.disk.close()
         for fd in self._cache_lock_fds:

@@ -166,6 +166,7 @@ class WriteBack:
         while True:
             try:
                 self.store.put(key, data)
+                self.store.sync()  # the staged copy goes next: this one must be durable
                 break
             except Exception as e:
                 self.failed_uploads += 1

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from loftfs.chunk.budget import MemoryBudget
 from loftfs.chunk.layout import block_key, chunk_ranges
@@ -161,8 +162,9 @@ class FileWriter:
 
     # --- write ------------------------------------------------------------------------------
 
-    def write(self, offset: int, data: bytes) -> None:
-        """Buffer ``data`` at file ``offset``. Blocks while the memory budget is exhausted."""
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Buffer ``data`` at file ``offset`` (copied: a view of the caller's memory is never
+        kept). Blocks while the memory budget is exhausted."""
         if offset < 0:
             raise FSError(errno.EINVAL, "negative offset")
         with self._lock:
@@ -214,9 +216,13 @@ class FileWriter:
             used = len(data)
         s.mtime_ns = now_ns()
         while len(s.buf) >= bs:
-            with memoryview(s.buf) as mv:
-                block = bytes(mv[:bs])
-            del s.buf[:bs]
+            block: bytes | bytearray
+            if len(s.buf) == bs:  # the usual case: the buffer itself goes, no copy
+                block, s.buf = s.buf, bytearray()
+            else:
+                with memoryview(s.buf) as mv:
+                    block = bytes(mv[:bs])
+                del s.buf[:bs]
             self._upload_locked(s, block)
         if s.end >= CHUNK_SIZE:
             self._seal_locked(s)
@@ -233,13 +239,14 @@ class FileWriter:
     def _seal_locked(self, s: _SliceBuffer) -> None:
         s.sealed = True
         if s.buf:
-            tail = bytes(s.buf)
-            s.buf.clear()
+            tail, s.buf = s.buf, bytearray()
             self._upload_locked(s, tail)
         elif s.pending == 0:
             self._schedule_commit()
 
-    def _upload_locked(self, s: _SliceBuffer, block: bytes) -> None:
+    def _upload_locked(self, s: _SliceBuffer, block: bytes | bytearray) -> None:
+        # ``block`` may be the slice's former buffer: nothing writes to it any more, and every
+        # store takes any bytes-like object.
         key = block_key(self.ctx.volume_uuid, s.id, s.flushed, len(block))
         s.flushed += 1
         s.pending += 1
@@ -255,10 +262,10 @@ class FileWriter:
             self.ctx.budget.release(len(block))
             self._fail_locked(FSError(errno.EIO, "data path is closed"))
 
-    def _upload(self, s: _SliceBuffer, key: str, block: bytes) -> None:
+    def _upload(self, s: _SliceBuffer, key: str, block: bytes | bytearray) -> None:
         error: Exception | None = None
         try:
-            self.ctx.store.put(key, block)
+            self.ctx.store.put(key, cast(bytes, block))
         except Exception as e:
             error = e
             log.error("upload of block %s (inode %d) failed: %s", key, self.inode, e)

@@ -543,8 +543,10 @@ class LowLevelOperations:
         self.lib.fuse_reply_buf(req, data, len(data))
 
     def write(self, req: int, ino: int, buf: int, size: int, off: int, fi: Any) -> None:
-        # The buffer is libfuse's and is reused after we return: the vfs gets a copy.
-        n = self.vfs.write(fi.contents.fh, off, ctypes.string_at(buf, size))
+        # The buffer is libfuse's and is reused after we return: the vfs copies from this view
+        # into its own buffers before returning (one copy instead of two).
+        view = memoryview((ctypes.c_char * size).from_address(buf)).cast("B")
+        n = self.vfs.write(fi.contents.fh, off, view)
         self.lib.fuse_reply_write(req, n)
 
     def flush(self, req: int, ino: int, fi_ptr: Any) -> None:

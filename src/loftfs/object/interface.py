@@ -61,6 +61,12 @@ class ObjectStore(ABC):
         With a ``delimiter``, keys with it past the prefix fold into one ``is_prefix`` entry.
         ``limit`` 0 means no limit (pages are fetched lazily)."""
 
+    def sync(self) -> None:  # noqa: B027 - optional hook
+        """Make every object ``put`` so far durable on stable storage (a power failure keeps
+        it). Stores that are durable once ``put`` returns (S3) do nothing; the ``file``
+        backend syncs the files written since the last call. Called for ``fsync()`` and at
+        unmount. ``ObjectStoreError`` when the data may not be durable."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -96,6 +102,9 @@ class ObjectStoreWrapper(ObjectStore):
         self, prefix: str = "", start_after: str = "", delimiter: str = "", limit: int = 0
     ) -> Iterator[ObjectInfo]:
         return self.inner.list(prefix, start_after, delimiter, limit)
+
+    def sync(self) -> None:
+        self.inner.sync()
 
     def close(self) -> None:
         self.inner.close()

@@ -341,7 +341,9 @@ class VFS:
         if st is not None:
             st.size = self.meta.getattr(inode).size
 
-    def write(self, fh: int, offset: int, buf: bytes) -> int:
+    def write(self, fh: int, offset: int, buf: bytes | memoryview) -> int:
+        """Buffer ``buf`` at ``offset``. ``buf`` may be a view of the caller's memory: it is
+        copied before this returns and never kept."""
         h = self._file(fh)
         if h.flags & O_ACCMODE == os.O_RDONLY:
             raise FSError(errno.EBADF)
@@ -372,6 +374,7 @@ class VFS:
     def fsync(self, fh: int, datasync: bool = False) -> None:
         h = self._file(fh)
         self._commit(h.inode)
+        self.data.sync()
 
     def _commit(self, inode: int) -> None:
         self.data.flush(inode)
