@@ -312,6 +312,25 @@ def test_range_verifies_only_the_segments_it_reads(
     assert cache.stats()["corrupt"] == 1
 
 
+def test_remembered_header_still_checks_the_data(
+    make: Callable[..., DiskCache], tmp_path: Path
+) -> None:
+    """Ranged reads reuse the header they verified before; damage to the data after that is
+    still caught (segment checksums), and a dropped file takes its header along."""
+    cache = make()
+    k, data = key(2, LENGTH), payload(2, LENGTH)
+    assert cache.put_sync(k, data)
+    assert cache.get_range(k, LENGTH, 10, 100) == data[10:110]  # header remembered
+    path = raw_path(tmp_path / "cache", k)
+    _flip(path, 0)  # the header on disk no longer verifies: the remembered one is used
+    assert cache.get_range(k, LENGTH, SEG + 1, 7) == data[SEG + 1 : SEG + 8]
+    _flip(path, _data_offset() + SEG + 3)
+    assert cache.get_range(k, LENGTH, SEG, 4) is None
+    assert not path.exists()
+    assert cache.put_sync(k, data)
+    assert cache.get_range(k, LENGTH, SEG, 4) == data[SEG : SEG + 4]
+
+
 def test_unreadable_file_is_a_miss(make: Callable[..., DiskCache], tmp_path: Path) -> None:
     cache = make()
     k = key(1, 100)

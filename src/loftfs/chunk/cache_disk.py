@@ -97,6 +97,7 @@ _EPOCH_S = 1_577_836_800  # 2020-01-01: access times are seconds (or ticks) sinc
 
 SAMPLE = 16  # eviction candidates drawn per victim (bench/cache_startup.py --policy)
 FAIL_LIMIT = 3  # consecutive failures before a directory is skipped
+HEAD_CACHE = 4096  # verified headers kept in memory for ranged reads (~300 bytes each)
 SPACE_CHECK_S = 1.0  # statvfs at most this often (unless a 256th of the disk was written)
 LOG_EVERY_S = 10.0
 _FANOUT_BITS = 6  # 64 x 64 subdirectories
@@ -176,13 +177,24 @@ def _read_head(fd: int, key: bytes, length: int, segment_size: int) -> tuple[int
     return seg, bytes(body[key_len:]), head_len
 
 
+Head = tuple[int, bytes, int]  # (segment size, packed segment crcs, offset of the data)
+
+
 def read_block(
-    fd: int, key: bytes, length: int, off: int, end: int, segment_size: int
+    fd: int,
+    key: bytes,
+    length: int,
+    off: int,
+    end: int,
+    segment_size: int,
+    head: Head | None = None,
 ) -> tuple[bytes, int]:
     """Bytes ``[off, end)`` of the block in cache file ``fd``, verifying every segment they
     touch (all of them when the range is the whole block, which must then end the file).
-    Returns (data, file size). ``CorruptBlock`` on any mismatch."""
-    seg, crcs, data_off = _read_head(fd, key, length, segment_size)
+    Returns (data, file size). ``CorruptBlock`` on any mismatch. ``head``: the header as
+    ``read_head`` returned it earlier for this file (saves a read; the data is still checked
+    against its segment checksums)."""
+    seg, crcs, data_off = head if head is not None else _read_head(fd, key, length, segment_size)
     whole = off == 0 and end == length
     first = off // seg
     last = -(-end // seg) if end > off else first
@@ -346,6 +358,10 @@ class DiskCache:
         self.max_pending_bytes = max_pending_bytes
         self.retry_after_s = retry_after_s
         self._lock = threading.Lock()
+        # Verified headers of recently read blocks, for ranged reads: a random 4 KiB read then
+        # costs one disk read (its segment) instead of two (header, segment). Blocks never
+        # change, so a remembered header stays right; it is dropped with the file.
+        self._heads: OrderedDict[int, Head] = OrderedDict()
         share, extra = divmod(capacity, len(paths))
         self._areas = [
             _Area(i, os.path.join(d, volume_uuid), share + (1 if i < extra else 0), self._lock)
@@ -657,8 +673,21 @@ class DiskCache:
                 length = _peek(fd)[1]
                 want = (length, 0, length)
             length, off, end = want
-            data, size = read_block(fd, key.encode(), length, off, end, self.segment_size)
+            kb = key.encode()
+            head: Head | None = None
+            if off != 0 or end != length:
+                with self._lock:
+                    head = self._heads.get(h)
+                if head is None:
+                    head = _read_head(fd, kb, length, self.segment_size)
+                    with self._lock:
+                        self._heads[h] = head
+                        while len(self._heads) > HEAD_CACHE:
+                            self._heads.popitem(last=False)
+            data, size = read_block(fd, kb, length, off, end, self.segment_size, head)
         except CorruptBlock as e:
+            with self._lock:
+                self._heads.pop(h, None)
             self._drop_corrupt(area, h, key, path, staging, str(e), lookup)
             return None
         except OSError as e:
@@ -708,6 +737,7 @@ class DiskCache:
 
     def _forget_locked(self, area: _Area, h: int) -> bool:
         """Drop ``h`` from the index (the caller removes the file). True if it was there."""
+        self._heads.pop(h, None)
         if not area.scanned:
             area.scan_removed.add(h)
         v = area.index.pop(h, None)

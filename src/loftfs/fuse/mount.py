@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import gc
 import hashlib
 import json
 import logging
@@ -144,6 +145,17 @@ def _raise_read_ahead(mountpoint: str) -> None:
         log.info("could not raise read_ahead_kb: %s", e)
 
 
+def _tune_gc() -> None:
+    """Fewer, cheaper cyclic garbage collections: what exists once the mount is set up (modules,
+    the engine's and the caches' structures) is frozen out of the collector's scans, and the
+    youngest generation is collected every 20,000 allocations instead of 700. A full collection
+    of a large heap stalls every request for milliseconds; the request path itself creates
+    hardly any reference cycles."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def _tune_malloc() -> None:
     """Serve block-sized buffers with mmap so that freed ones go back to the kernel at once.
 
@@ -227,6 +239,7 @@ def run_mount(
     stop_http: Callable[[], None] | None = None
     try:
         data.start()
+        _tune_gc()
         if opts.metrics:
             host, port = parse_listen_address(opts.metrics)
             port, stop_http = metrics.serve_http(host, port)
