@@ -355,6 +355,11 @@ class RedisTxn:
 
     # --- plumbing -----------------------------------------------------------------------------
 
+    @property
+    def link(self) -> Conn:
+        """The connection, for engine fast paths that send their own round trip."""
+        return self._link
+
     def _read(self, keys: Sequence[str], cmds: Sequence[Command]) -> list[Any]:
         """Send ``cmds`` (in a write transaction after a WATCH of ``keys``) in one round trip
         and return their replies."""

@@ -48,7 +48,7 @@ SEEN_MAX = 100_000
 # statfs commit the pending releases first, so deletions and usage are exact for this mount;
 # another client deleting such a file frees its space when the release is committed.
 RELEASE_LINGER_S = 2.0
-RELEASE_BATCH = 1024
+RELEASE_BATCH = 256
 OPEN_LOCK_STRIPES = 256
 
 
@@ -99,6 +99,8 @@ class VFS:
         self._open_locks = [threading.RLock() for _ in range(OPEN_LOCK_STRIPES)]
         # inode -> when its last handle here closed; its open record is released later
         self._lingering: OrderedDict[int, float] = OrderedDict()
+        self._releasing: set[int] = set()  # in a batch being committed now
+        self._released = threading.Condition(self._lock)
         self._linger_wake = threading.Event()
         self._linger_stop = threading.Event()
         self._linger_thread = threading.Thread(
@@ -281,12 +283,21 @@ class VFS:
             self._check_writable()
         with self._open_lock(inode):
             with self._lock:
+                while inode in self._releasing:  # its record is being dropped right now
+                    self._released.wait()
                 st = self._inodes.get(inode)
-                covered = (st is not None and st.opens > 0) or inode in self._lingering
+                # taken out of the deferred releases now, so no batch can drop the record
+                # this open relies on
+                claimed = self._lingering.pop(inode, None)
+                covered = (st is not None and st.opens > 0) or claimed is not None
             if covered:  # this session's open record is already there
-                attr = self.meta.reopen(ctx, inode, flags)
-                with self._lock:
-                    self._lingering.pop(inode, None)
+                try:
+                    attr = self.meta.reopen(ctx, inode, flags)
+                except BaseException:
+                    if claimed is not None:
+                        with self._lock:
+                            self._lingering[inode] = claimed
+                    raise
             else:
                 attr = self.meta.open(ctx, inode, flags)
             fh, keep = self._register_open(attr, flags)
@@ -437,26 +448,24 @@ class VFS:
             self._release_batch(due[start : start + RELEASE_BATCH])
 
     def _release_batch(self, inodes: list[int]) -> None:
-        # Hold the open locks of these inodes (stripes in a fixed order: no deadlock) so that
-        # no open can rely on a record while it is being dropped.
-        stripes = sorted({ino % OPEN_LOCK_STRIPES for ino in inodes})
-        for i in stripes:
-            self._open_locks[i].acquire()
+        # Opens of these inodes wait until the batch is committed (``_releasing``); opens of
+        # any other inode go on.
+        with self._lock:
+            batch = [ino for ino in inodes if self._lingering.pop(ino, None) is not None]
+            self._releasing.update(batch)
+        if not batch:
+            return
         try:
+            self.meta.release_many(batch)
+        except BaseException:
             with self._lock:
-                batch = [ino for ino in inodes if self._lingering.pop(ino, None) is not None]
-            if not batch:
-                return
-            try:
-                self.meta.release_many(batch)
-            except BaseException:
-                with self._lock:
-                    for ino in batch:
-                        self._lingering.setdefault(ino, 0.0)
-                raise
+                for ino in batch:
+                    self._lingering.setdefault(ino, 0.0)
+            raise
         finally:
-            for i in reversed(stripes):
-                self._open_locks[i].release()
+            with self._lock:
+                self._releasing.difference_update(batch)
+                self._released.notify_all()
 
     def _open_lock(self, inode: int) -> threading.RLock:
         return self._open_locks[inode % OPEN_LOCK_STRIPES]
