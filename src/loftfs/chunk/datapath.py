@@ -35,6 +35,9 @@ from loftfs.vfs.options import MountOptions
 
 log = logging.getLogger(__name__)
 
+# With a disk cache, blocks shorter than this (small files, tails) are not kept in memory.
+SMALL_BLOCK = 256 << 10
+
 __all__ = ["BlockSlice", "DataPath", "FileWriter", "ReadState"]
 
 
@@ -80,7 +83,9 @@ class DataPath:
         self.upload_pool = WorkerPool("loft-upload", opts.upload_threads)
         self.fetch_pool = WorkerPool("loft-fetch", opts.fetch_threads)
         self.ahead_pool = WorkerPool("loft-readahead", max(1, opts.fetch_threads // 2))
-        self.fetcher = BlockFetcher(store, self.cache)
+        self.fetcher = BlockFetcher(
+            store, self.cache, min_cached=SMALL_BLOCK if self.disk is not None else 0
+        )
         self.reader = Reader(
             meta,
             self.fetcher,

@@ -131,9 +131,15 @@ class BlockFetcher:
     """Whole-block reads through the memory cache; concurrent misses of one block share a
     single download; every block is checked against the length its key names."""
 
-    def __init__(self, store: ObjectStore, cache: MemBlockCache) -> None:
+    def __init__(
+        self, store: ObjectStore, cache: MemBlockCache, *, min_cached: int = 0
+    ) -> None:
         self.store = store
         self.cache = cache
+        # Blocks shorter than this stay out of the memory cache (with a disk cache, small
+        # files are served from it and from the kernel's page cache: holding them in memory
+        # too only grew the mount by their total size).
+        self.min_cached = min_cached
         self._flight: SingleFlight[bytes] = SingleFlight()
 
     def get(self, key: str, length: int, *, cache: bool = True) -> bytes:
@@ -178,7 +184,7 @@ class BlockFetcher:
                 log.error("block %s could not be read: %s", key, e)
                 raise BlockUnavailable(key, str(e)) from e
             if len(data) == length:
-                if cache:
+                if cache and length >= self.min_cached:
                     self.cache.put(key, data)
                 return data
             if attempt == 2:
