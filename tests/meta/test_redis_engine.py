@@ -27,7 +27,7 @@ from loftfs.errors import ConfigError, MetaUnavailable, NotFormatted
 from loftfs.meta import Meta, open_meta, redis_txn
 from loftfs.meta import redis as engine
 from loftfs.meta.redis import RedisMeta, parse_url
-from loftfs.meta.types import NOW, ROOT_CTX, FileType, Slice, VolumeSettings
+from loftfs.meta.types import NOW, ROOT_CTX, Ctx, FileType, Slice, VolumeSettings
 from servers import RedisServer
 
 C = ROOT_CTX
@@ -486,7 +486,8 @@ def test_round_trips_per_operation(
     redis_server: RedisServer, opened: Callable[[str], RedisMeta], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Latency is round trips: each operation's count is pinned (reads of a write transaction
-    carry their WATCH, a read-only one watches nothing, lookup and readdir use one script)."""
+    carry their WATCH, a read-only one watches nothing, lookup and readdir use one script, open
+    sends its record with the read of the attributes)."""
     meta = opened(redis_server.url(db=6, prefix="rt" + uid()))
     meta.init_volume(VolumeSettings(name="rt"))
     d = meta.mkdir(C, ROOT, b"d", 0o755)
@@ -509,7 +510,9 @@ def test_round_trips_per_operation(
         return trips[0]
 
     assert count(lambda: meta.getattr(f.inode)) == 1
-    assert count(lambda: meta.lookup(C, d.inode, b"warm")) == 2
+    assert count(lambda: meta.lookup(C, d.inode, b"warm")) == 1
+    assert count(lambda: meta.open(C, f.inode, os.O_RDONLY)) == 1
+    assert count(lambda: meta.reopen(C, f.inode, os.O_RDONLY)) == 1
     assert count(lambda: meta.readdir(C, d.inode)) == 2
     assert count(lambda: meta.create(C, d.inode, b"new", 0o644, os.O_RDWR)) == 3
     assert count(lambda: meta.write_slice(f.inode, 0, Slice(0, sid, 10, 0, 10), NOW)) == 3
@@ -611,4 +614,30 @@ def test_processes_creating_and_renaming_in_one_directory(
         k for k in keys_of(redis_server, 7, prefix) if k.startswith(f"{prefix}:i".encode())
     ]
     assert len(inode_keys) == 2 + 3 * per + 10  # the replaced files were deleted, none leaked
+    meta.destroy_volume()
+
+
+def test_refused_open_leaves_no_open_record(
+    redis_server: RedisServer, opened: Callable[[str], RedisMeta]
+) -> None:
+    """The one-round-trip open adds its record before the permission check: a refused open,
+    or one of a vanished inode, must take it back (else an unlinked file would be kept)."""
+    meta = opened(redis_server.url(db=6, prefix="op" + uid()))
+    meta.init_volume(VolumeSettings(name="op"))
+    f = meta.create(C, ROOT, b"private", 0o600, os.O_RDWR)
+    meta.release(f.inode)
+    sid = meta._session_id()
+
+    def holders(inode: int) -> list[int]:
+        return meta._run(lambda tx: tx.open_sessions(inode), False)
+
+    other = Ctx(uid=1000, gid=1000)
+    with fs_error(13):  # EACCES
+        meta.open(other, f.inode, os.O_RDONLY)
+    assert sid not in holders(f.inode)
+    with fs_error(2):  # ENOENT
+        meta.open(C, 999_999, os.O_RDONLY)
+    assert holders(999_999) == []
+    meta.open(C, f.inode, os.O_RDONLY)
+    assert holders(f.inode) == [sid]
     meta.destroy_volume()

@@ -82,9 +82,9 @@ from redis.exceptions import (
 from loftfs.errors import ConfigError, FSError, LoftError, MetaUnavailable, NotFormatted
 from loftfs.meta import perm
 from loftfs.meta.base import BaseMeta
-from loftfs.meta.redis_txn import Command, Keys, RedisTxn, unpack_attr
+from loftfs.meta.redis_txn import LUA_LOOKUP, Command, Keys, RedisTxn, unpack_attr, unpack_entry
 from loftfs.meta.txn import Txn
-from loftfs.meta.types import W_OK, Attr, Ctx, FileType, VolumeSettings
+from loftfs.meta.types import MAX_NAME, W_OK, X_OK, Attr, Ctx, FileType, VolumeSettings
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -444,6 +444,32 @@ class RedisMeta(BaseMeta):
             self._drop_open_record(sid, inode)
             raise
         return attr
+
+    def lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
+        """``lookup`` in one round trip (a Lua script reads the parent, the entry and the
+        child atomically) instead of two; ``.`` and ``..`` take the general path."""
+        if len(name) > MAX_NAME:
+            raise FSError(errno.ENAMETOOLONG)
+        if name in (b".", b".."):
+            return super().lookup(ctx, parent, name)
+        k = self.keys
+        keys, args = [k.attr(parent), k.dir(parent)], [name, k.head + "i"]
+
+        def fn(tx: RedisTxn) -> list[bytes]:
+            reply: list[bytes] = tx.link.eval_ro(LUA_LOOKUP, keys, args)
+            return reply
+
+        reply = self._transaction(fn, False)  # type: ignore[arg-type]
+        if not reply:
+            raise FSError(errno.ENOENT)
+        pattr = unpack_attr(parent, reply[0])
+        if pattr.type != FileType.DIR:
+            raise FSError(errno.ENOTDIR)
+        perm.check(ctx, pattr, X_OK)
+        if len(reply) < 3:
+            raise FSError(errno.ENOENT)
+        inode, _ = unpack_entry(reply[1])
+        return unpack_attr(inode, reply[2])
 
     def _drop_open_record(self, sid: int, inode: int) -> None:
         k = self.keys

@@ -181,6 +181,20 @@ return {v, redis.call('GET', ARGV[2] .. string.sub(v, 2))}
 """
 
 
+# A lookup in one round trip: the parent's attributes, the entry and the child's attributes.
+# KEYS: P:i<parent>, P:d<parent>. ARGV: name, head of attribute keys (P:i). Returns {} when
+# the parent is missing, {parent} when the name is.
+LUA_LOOKUP = """
+local p = redis.call('GET', KEYS[1])
+if not p then return {} end
+local v = redis.call('HGET', KEYS[2], ARGV[1])
+if not v then return {p} end
+local a = redis.call('GET', ARGV[2] .. string.sub(v, 2))
+if not a then return {p, v} end
+return {p, v, a}
+"""
+
+
 class Keys:
     """Key names of one volume (see the module docstring)."""
 
