@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # With a disk cache, blocks shorter than this (small files, tails) are not kept in memory.
 SMALL_BLOCK = 256 << 10
+# Bytes of blocks queued for writing into the disk cache (dropped, not waited for, past it).
+DISK_PUT_QUEUE = 32 << 20
 
 __all__ = ["BlockSlice", "DataPath", "FileWriter", "ReadState"]
 
@@ -58,6 +60,8 @@ class DataPath:
                     opts.cache_size,
                     volume_uuid=settings.uuid,
                     free_ratio=opts.free_space_ratio,
+                    # blocks waiting to be written to the cache: bounded apart from the budget
+                    max_pending_bytes=DISK_PUT_QUEUE,
                 )
             elif opts.writeback:
                 raise ConfigError(
@@ -76,9 +80,11 @@ class DataPath:
         self.block_size = settings.block_size
         self.budget = MemoryBudget(opts.buffer_size)
         # The kernel's page cache already keeps what was read; this cache only needs to hold
-        # the blocks being read and read ahead, and a working set for random access. A quarter
-        # of the budget leaves the rest to write buffers and keeps the resident size small.
-        self.cache = MemBlockCache(self.budget, max(opts.buffer_size // 4, self.block_size))
+        # the blocks being read and read ahead, and a working set for random access: a quarter
+        # of the budget, an eighth with a disk cache (which holds the working set; random reads
+        # take ranges from it), leaving the rest to write buffers and the resident size small.
+        share = 8 if self.disk is not None else 4
+        self.cache = MemBlockCache(self.budget, max(opts.buffer_size // share, self.block_size))
         self.slices = SliceCache()
         self.upload_pool = WorkerPool("loft-upload", opts.upload_threads)
         self.fetch_pool = WorkerPool("loft-fetch", opts.fetch_threads)

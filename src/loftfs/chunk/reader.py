@@ -86,6 +86,15 @@ class SliceCache:
                 (ino, idx), _ = self._lists.popitem(last=False)
                 self._forget_index(ino, idx)
 
+    def abandon(self, token: _Pending) -> None:
+        """The list ``begin`` announced will not be ``put`` (its read failed)."""
+        with self._lock:
+            waiting = self._pending.get(token.inode, [])
+            if token in waiting:
+                waiting.remove(token)
+            if not waiting:
+                self._pending.pop(token.inode, None)
+
     def _forget_index(self, inode: int, index: int) -> None:
         indexes = self._by_inode.get(inode)
         if indexes is not None:
@@ -131,9 +140,7 @@ class BlockFetcher:
     """Whole-block reads through the memory cache; concurrent misses of one block share a
     single download; every block is checked against the length its key names."""
 
-    def __init__(
-        self, store: ObjectStore, cache: MemBlockCache, *, min_cached: int = 0
-    ) -> None:
+    def __init__(self, store: ObjectStore, cache: MemBlockCache, *, min_cached: int = 0) -> None:
         self.store = store
         self.cache = cache
         # Blocks shorter than this stay out of the memory cache (with a disk cache, small

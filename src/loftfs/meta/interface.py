@@ -168,6 +168,11 @@ class Meta(ABC):
         which engines answer with a read-only transaction."""
         return self.open(ctx, inode, flags)
 
+    def open_with_chunk(self, ctx: Ctx, inode: int, flags: int) -> tuple[Attr, list[Slice] | None]:
+        """``open``, plus the slice list of chunk 0 when the engine can read it in the same
+        round trip (a small file's first read then needs no metadata call); None otherwise."""
+        return self.open(ctx, inode, flags), None
+
     def release_many(self, inodes: list[int]) -> None:
         """``release`` of several inodes, in one transaction where the engine can."""
         for inode in inodes:

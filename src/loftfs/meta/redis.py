@@ -82,9 +82,17 @@ from redis.exceptions import (
 from loftfs.errors import ConfigError, FSError, LoftError, MetaUnavailable, NotFormatted
 from loftfs.meta import perm
 from loftfs.meta.base import BaseMeta
-from loftfs.meta.redis_txn import LUA_LOOKUP, Command, Keys, RedisTxn, unpack_attr, unpack_entry
+from loftfs.meta.redis_txn import (
+    LUA_LOOKUP,
+    Command,
+    Keys,
+    RedisTxn,
+    unpack_attr,
+    unpack_entry,
+    unpack_slices,
+)
 from loftfs.meta.txn import Txn
-from loftfs.meta.types import MAX_NAME, W_OK, X_OK, Attr, Ctx, FileType, VolumeSettings
+from loftfs.meta.types import MAX_NAME, W_OK, X_OK, Attr, Ctx, FileType, Slice, VolumeSettings
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -403,36 +411,45 @@ class RedisMeta(BaseMeta):
     # --- fast paths ---------------------------------------------------------------------------
 
     def open(self, ctx: Ctx, inode: int, flags: int) -> Attr:
+        return self._open(ctx, inode, flags, False)[0]
+
+    def open_with_chunk(self, ctx: Ctx, inode: int, flags: int) -> tuple[Attr, list[Slice] | None]:
+        return self._open(ctx, inode, flags, True)
+
+    def _open(
+        self, ctx: Ctx, inode: int, flags: int, chunk0: bool
+    ) -> tuple[Attr, list[Slice] | None]:
         """``open`` in one round trip instead of two (a watched read, then MULTI/EXEC): the
         open record is added in the same MULTI that reads the attributes, so it exists exactly
         when the inode did at that instant; a concurrent unlink either sees it (its watch on
         the record fails and it runs again) or ran first (the read finds nothing). The record
         is idempotent, so a lost reply is simply sent again. When the inode is gone or the
-        permission check fails, the record is taken back."""
+        permission check fails, the record is taken back. With ``chunk0`` the same MULTI reads
+        the slice list of chunk 0."""
         sid = self._session_id()
         mask = perm.open_mask(flags)
         k = self.keys
-        attr_key, by_inode, by_session = k.attr(inode), k.open_by(inode), k.opens_of(sid)
+        cmds: list[Command] = [
+            ("MULTI",),
+            ("GET", k.attr(inode)),
+            ("SADD", k.open_by(inode), sid),
+            ("SADD", k.opens_of(sid), inode),
+        ]
+        if chunk0:
+            cmds.append(("GET", k.chunk(inode, 0)))
+        cmds.append(("EXEC",))
 
-        def fn(tx: RedisTxn) -> bytes | None:
-            replies = tx.link.call(
-                [
-                    ("MULTI",),
-                    ("GET", attr_key),
-                    ("SADD", by_inode, sid),
-                    ("SADD", by_session, inode),
-                    ("EXEC",),
-                ]
-            )
-            result = replies[-1]
+        def fn(tx: RedisTxn) -> list[Any]:
+            result = tx.link.call(cmds)[-1]
             if isinstance(result, ResponseError):
                 raise result
-            data = result[0]
-            if isinstance(data, ResponseError):
-                raise data
-            return data  # type: ignore[no-any-return]
+            for reply in result:
+                if isinstance(reply, ResponseError):
+                    raise reply
+            return result  # type: ignore[no-any-return]
 
-        data = self._transaction(fn, True)  # type: ignore[arg-type]
+        result = self._transaction(fn, True)  # type: ignore[arg-type]
+        data = result[0]
         try:
             if data is None:
                 raise FSError(errno.ENOENT)
@@ -443,7 +460,8 @@ class RedisMeta(BaseMeta):
         except BaseException:
             self._drop_open_record(sid, inode)
             raise
-        return attr
+        slices = unpack_slices(result[3]) if chunk0 and attr.type == FileType.FILE else None
+        return attr, slices
 
     def lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
         """``lookup`` in one round trip (a Lua script reads the parent, the entry and the

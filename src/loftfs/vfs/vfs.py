@@ -247,8 +247,26 @@ class VFS:
 
     # --- files -----------------------------------------------------------------------------------
 
-    def _register_open(self, attr: Attr, flags: int) -> tuple[int, bool]:
-        """Create a handle; returns (fh, keep_cache)."""
+    def _first_open(self, ctx: Ctx, inode: int, flags: int) -> Attr:
+        """The first open of ``inode`` in this mount: forget what was cached of its content
+        (close-to-open), and let the engine read chunk 0's slice list with the open when it
+        can (one round trip less for a small file's first read)."""
+        self.data.invalidate(inode)
+        token = self.data.slices.begin(inode, 0)
+        try:
+            attr, slices = self.meta.open_with_chunk(ctx, inode, flags)
+        except BaseException:
+            self.data.slices.abandon(token)
+            raise
+        if slices is None:
+            self.data.slices.abandon(token)
+        else:
+            self.data.slices.put(token, slices)
+        return attr
+
+    def _register_open(self, attr: Attr, flags: int, *, fresh: bool = False) -> tuple[int, bool]:
+        """Create a handle; returns (fh, keep_cache). ``fresh``: the caller already dropped
+        the cached slice lists for this first open."""
         inode = attr.inode
         with self._lock:
             st = self._inodes.get(inode)
@@ -258,7 +276,7 @@ class VFS:
             st.opens += 1
             fh = next(self._fh)
             self._files[fh] = FileHandle(inode, flags, read_state=self.data.new_read_state())
-        if first:
+        if first and not fresh:
             # Close-to-open: another client may have changed the file since we last read it.
             self.data.invalidate(inode)
         st.size = max(attr.size, st.size) if not first else attr.size
@@ -286,10 +304,12 @@ class VFS:
                 while inode in self._releasing:  # its record is being dropped right now
                     self._released.wait()
                 st = self._inodes.get(inode)
+                first = st is None or st.opens == 0
                 # taken out of the deferred releases now, so no batch can drop the record
                 # this open relies on
                 claimed = self._lingering.pop(inode, None)
                 covered = (st is not None and st.opens > 0) or claimed is not None
+            fresh = False
             if covered:  # this session's open record is already there
                 try:
                     attr = self.meta.reopen(ctx, inode, flags)
@@ -298,9 +318,12 @@ class VFS:
                         with self._lock:
                             self._lingering[inode] = claimed
                     raise
+            elif first:
+                attr = self._first_open(ctx, inode, flags)
+                fresh = True
             else:
                 attr = self.meta.open(ctx, inode, flags)
-            fh, keep = self._register_open(attr, flags)
+            fh, keep = self._register_open(attr, flags, fresh=fresh)
         if flags & os.O_TRUNC and attr.type == FileType.FILE:
             try:
                 attr = self._truncate(ctx, inode, 0, check_perm=False)
