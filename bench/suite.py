@@ -150,6 +150,16 @@ class _Configured(FileSystem):
     def meta_url(self) -> str:
         return self.placement.meta_url or super().meta_url
 
+    def format_cmd(self) -> list[str]:
+        # mixed in before LoftFS/JuiceFS: super() is their concrete format_cmd
+        cmd = super().format_cmd()  # type: ignore[safe-super]
+        p = self.placement
+        if p.bucket_url:
+            cmd = set_option(cmd, "--storage", "s3")
+            cmd = set_option(cmd, "--bucket", p.bucket_url)
+            cmd += ["--access-key", p.access_key, "--secret-key", p.secret_key]
+        return cmd
+
     def clear_disk_cache(self) -> None:
         """Delete the disk cache (only while unmounted: the daemon's index would lie)."""
         if os.path.ismount(self.mnt):
@@ -175,15 +185,6 @@ class _Configured(FileSystem):
 class SuiteLoftFS(_Configured, LoftFS):
     with_cache: bool = True
 
-    def format_cmd(self) -> list[str]:
-        cmd = super().format_cmd()
-        p = self.placement
-        if p.bucket_url:
-            cmd = set_option(cmd, "--storage", "s3")
-            cmd = set_option(cmd, "--bucket", p.bucket_url)
-            cmd += ["--access-key", p.access_key, "--secret-key", p.secret_key]
-        return cmd
-
     def mount_cmd(self) -> list[str]:
         cmd = super().mount_cmd()
         if self.with_cache:
@@ -193,15 +194,6 @@ class SuiteLoftFS(_Configured, LoftFS):
 
 @dataclass
 class SuiteJuiceFS(_Configured, JuiceFS):
-    def format_cmd(self) -> list[str]:
-        cmd = super().format_cmd()
-        p = self.placement
-        if p.bucket_url:
-            cmd = set_option(cmd, "--storage", "s3")
-            cmd = set_option(cmd, "--bucket", p.bucket_url)
-            cmd += ["--access-key", p.access_key, "--secret-key", p.secret_key]
-        return cmd
-
     def mount_cmd(self) -> list[str]:
         cmd = set_option(super().mount_cmd(), "--cache-size", str(self.cache_mib))
         cmd = set_option(cmd, "--cache-dir", str(self.cache_dir))

@@ -71,11 +71,7 @@ class SliceCache:
 
     def put(self, token: _Pending, slices: list[Slice]) -> None:
         with self._lock:
-            waiting = self._pending.get(token.inode, [])
-            if token in waiting:
-                waiting.remove(token)
-            if not waiting:
-                self._pending.pop(token.inode, None)
+            self._retire_locked(token)
             if not token.valid:
                 return
             key = (token.inode, token.index)
@@ -89,11 +85,14 @@ class SliceCache:
     def abandon(self, token: _Pending) -> None:
         """The list ``begin`` announced will not be ``put`` (its read failed)."""
         with self._lock:
-            waiting = self._pending.get(token.inode, [])
-            if token in waiting:
-                waiting.remove(token)
-            if not waiting:
-                self._pending.pop(token.inode, None)
+            self._retire_locked(token)
+
+    def _retire_locked(self, token: _Pending) -> None:
+        waiting = self._pending.get(token.inode, [])
+        if token in waiting:
+            waiting.remove(token)
+        if not waiting:
+            self._pending.pop(token.inode, None)
 
     def _forget_index(self, inode: int, index: int) -> None:
         indexes = self._by_inode.get(inode)
