@@ -139,7 +139,7 @@ def object_table(prev: Snapshot | None, cur: Snapshot) -> Table:
 
 
 def _figure(key: str, value: float) -> str:
-    if key.endswith("_bytes") or key == "bytes":
+    if key.endswith("_bytes") or key in ("bytes", "capacity"):
         return format_size(value)
     if isinstance(value, float) and not value.is_integer():
         return f"{value:,.2f}"
