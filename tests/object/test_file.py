@@ -189,8 +189,10 @@ def test_sync_covers_what_was_put(tmp_path: Path, count: int) -> None:
         store.put(f"a/{i % 3}/k{i}", b"x" * i)
     store.delete("a/0/k0")
     assert len(store._pending) == count
+    # the directories made for them are synced in their parents too
+    assert store._new_dirs == {str(tmp_path / "bucket" / d) for d in ("a", "a/0", "a/1", "a/2")}
     store.sync()
-    assert not store._pending
+    assert not store._pending and not store._new_dirs
     store.sync()  # nothing to do
     keys = {i.key for i in store.list("a/")}
     assert len(keys) == count - 1 and "a/0/k0" not in keys

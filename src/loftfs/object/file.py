@@ -84,6 +84,7 @@ class FileObjectStore(ObjectStore):
         self.root = os.path.abspath(root_dir)
         self._pending_lock = threading.Lock()
         self._pending: set[str] = set()  # objects put since the last sync
+        self._new_dirs: set[str] = set()  # directories made since the last sync
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -180,7 +181,8 @@ class FileObjectStore(ObjectStore):
     def sync(self) -> None:
         with self._pending_lock:
             paths, self._pending = self._pending, set()
-        if not paths:
+            new_dirs, self._new_dirs = self._new_dirs, set()
+        if not paths and not new_dirs:
             return
         try:
             if len(paths) > SYNC_EACH_LIMIT:
@@ -199,19 +201,24 @@ class FileObjectStore(ObjectStore):
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            # the directories holding them, and their parents up to the root (a directory
-            # made for this object has its own entry to sync)
-            dirs: set[str] = set()
-            for p in paths:
-                d = os.path.dirname(p)
-                while d not in dirs and len(d) >= len(self.root):
-                    dirs.add(d)
-                    d = os.path.dirname(d)
+            # the directories holding them, and the parents of directories made since the
+            # last sync (their entries are new too)
+            dirs = {os.path.dirname(p) for p in paths}
+            dirs.update(os.path.dirname(d) for d in new_dirs)
             for directory in dirs:
                 self._fsync_dir(directory)
         except OSError as e:
             log.error("sync of %d objects in %s failed: %s", len(paths), self.describe(), e)
             raise ObjectStoreError(f"sync of {self.describe()} failed: {e.strerror or e}") from e
+
+    def _made_dir(self, directory: str) -> None:
+        """``directory`` (and maybe some of its ancestors) was just created: their entries
+        in their parents are synced by the next ``sync`` too."""
+        with self._pending_lock:
+            d = directory
+            while len(d) > len(self.root) and d not in self._new_dirs:
+                self._new_dirs.add(d)
+                d = os.path.dirname(d)
 
     def _open_tmp(self, directory: str, tmp: str) -> int:
         # A concurrent delete may remove the (then empty) directory between makedirs and open:
@@ -224,6 +231,7 @@ class FileObjectStore(ObjectStore):
                     raise
                 try:
                     os.makedirs(directory, exist_ok=True)
+                    self._made_dir(directory)
                 except FileNotFoundError:
                     continue  # an ancestor was pruned while creating the path
                 except FileExistsError as e:
