@@ -485,6 +485,17 @@ class ControlClient:
         return answer
 
 
+def ask_pending_uploads(real_mountpoint: str, timeout: float = 2.0) -> tuple[int, int] | None:
+    """(blocks, bytes) of write-back uploads the mount at ``real_mountpoint`` still has, or
+    None when no mount answers there."""
+    try:
+        with ControlClient(control_socket_path(real_mountpoint), timeout=timeout) as client:
+            pending = client.call("pending")
+        return int(pending.get("blocks", 0)), int(pending.get("bytes", 0))
+    except (LoftError, OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def control_request(
     mountpoint: str, cmd: str, *, timeout: float | None = CLIENT_TIMEOUT_S, **args: Any
 ) -> Iterator[Message]:

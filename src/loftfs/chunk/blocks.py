@@ -21,7 +21,8 @@ import logging
 from collections.abc import Iterable
 
 from loftfs.chunk.cache_disk import DiskCache
-from loftfs.chunk.writeback import WriteBack, key_length
+from loftfs.chunk.layout import block_length
+from loftfs.chunk.writeback import WriteBack
 from loftfs.errors import ObjectCorrupted
 from loftfs.object.interface import ObjectStore, ObjectStoreWrapper
 
@@ -42,7 +43,7 @@ class CachedBlockStore(ObjectStoreWrapper):
         self.block_size = block_size
 
     def get(self, key: str, offset: int = 0, limit: int = -1) -> bytes:
-        length = key_length(key)
+        length = block_length(key)
         if self.disk is None or offset != 0 or limit != -1 or length <= 0:
             return self.inner.get(key, offset, limit)
         data = self.disk.get(key, length)
@@ -55,7 +56,7 @@ class CachedBlockStore(ObjectStoreWrapper):
 
     def get_cached_range(self, key: str, offset: int, size: int) -> bytes | None:
         """``size`` bytes at ``offset`` of a block from the disk cache only; None on a miss."""
-        length = key_length(key)
+        length = block_length(key)
         if self.disk is None or length <= 0:
             return None
         return self.disk.get_range(key, length, offset, size)
@@ -68,9 +69,6 @@ class CachedBlockStore(ObjectStoreWrapper):
             raise ObjectCorrupted(f"block {key}: {len(data)} bytes, expected {length}")
         if self.disk is not None and not self.disk.put_sync(key, data):
             log.warning("warmup: block %s could not be stored in the disk cache", key)
-
-    def cached(self, key: str) -> bool:
-        return self.disk is not None and self.disk.contains(key)
 
     def put(self, key: str, data: bytes) -> None:
         if self.writeback is not None and self.writeback.stage(key, data):

@@ -72,7 +72,6 @@ class DataPath:
             if self.disk is None:
                 raise ConfigError("--writeback needs the disk cache (a --cache-size above 0)")
             self.writeback = WriteBack(self.disk, store, opts.upload_threads)
-        self.raw_store = store
         # What the writers, compaction, gc and the fetcher use: the disk cache and write-back
         # in front of the volume's store.
         self.store = store = CachedBlockStore(store, self.disk, self.writeback, settings.block_size)
@@ -231,10 +230,7 @@ class DataPath:
         try:
             for index in range((file_size + CHUNK_SIZE - 1) // CHUNK_SIZE):
                 for key, length in self.reader.chunk_blocks(inode, index):
-                    if self.disk is not None and self.disk.contains(key):
-                        cached += length
-                        continue
-                    if self.disk is None and key in self.cache:
+                    if self.disk.contains(key) if self.disk is not None else key in self.cache:
                         cached += length
                         continue
                     if len(inflight) >= window:

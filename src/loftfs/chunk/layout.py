@@ -16,6 +16,14 @@ def block_key(volume_uuid: str, slice_id: int, index: int, length: int) -> str:
     )
 
 
+def block_length(key: str) -> int:
+    """The length a block key (``block_key``) names; 0 when ``key`` is not a block key."""
+    try:
+        return int(key.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
 def slice_blocks(slice_size: int, block_size: int) -> list[int]:
     """Lengths of the blocks of a stored slice of ``slice_size`` bytes."""
     full, rest = divmod(slice_size, block_size)

@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from typing import Protocol
 
+from loftfs.chunk.layout import block_length
 from loftfs.object.interface import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,6 @@ class StagingArea(Protocol):
     def staged_keys(self) -> list[str]: ...
     def unstage(self, key: str) -> None: ...
     def drop_staged(self, key: str) -> None: ...
-
-
-def key_length(key: str) -> int:
-    """The block length a block key names (``..._<index>_<length>``); 0 if it names none."""
-    try:
-        return int(key.rsplit("_", 1)[1])
-    except (IndexError, ValueError):
-        return 0
 
 
 class WriteBack:
@@ -118,7 +111,7 @@ class WriteBack:
         with self._cond:
             for key in left:
                 if key not in self._queue and key not in self._inflight:
-                    self._queue[key] = key_length(key)
+                    self._queue[key] = block_length(key)
                     self.recovered_blocks += 1
         if self.recovered_blocks:
             log.info(
@@ -177,18 +170,13 @@ class WriteBack:
                 self._cond.wait(backoff)
                 if self._stopping:
                     return  # still staged: the next mount uploads it
-                abandoned = key in self._forgotten
-                self._forgotten.discard(key)
-            if abandoned:  # deleted meanwhile: never upload it
+            if self._take_forgotten(key):  # deleted meanwhile: never upload it
                 self.staging.drop_staged(key)
                 return
             backoff = min(MAX_BACKOFF_S, backoff * 2)
         self.uploaded_blocks += 1
         self.uploaded_bytes += len(data)
-        with self._cond:
-            forgotten = key in self._forgotten
-            self._forgotten.discard(key)
-        if forgotten:
+        if self._take_forgotten(key):
             self.staging.drop_staged(key)
             try:
                 self.store.delete(key)
@@ -196,6 +184,13 @@ class WriteBack:
                 log.warning("write-back: could not delete the unreferenced block %s: %s", key, e)
         else:
             self.staging.unstage(key)
+
+    def _take_forgotten(self, key: str) -> bool:
+        """Whether ``key`` was deleted while its upload ran (``forget``); clears the mark."""
+        with self._cond:
+            forgotten = key in self._forgotten
+            self._forgotten.discard(key)
+            return forgotten
 
     def drain(self, stall_timeout_s: float = 60.0) -> int:
         """Wait until every staged block is uploaded, or until no upload finished for

@@ -22,7 +22,6 @@ from loftfs.cli.common import (
     session_age_s,
     stdout_console,
 )
-from loftfs.errors import LoftError
 from loftfs.meta.types import SessionInfo, VolumeSettings
 from loftfs.object.encrypt import describe_record, public_record
 from loftfs.utils import format_size
@@ -51,16 +50,13 @@ def settings_dict(settings: VolumeSettings) -> dict[str, Any]:
 def local_pending_uploads(session: SessionInfo) -> int | None:
     """Write-back blocks a mount on this machine has not uploaded yet, asked over its control
     socket; None for mounts elsewhere or not answering."""
-    from loftfs.control import ControlClient, ControlError, control_socket_path
+    from loftfs.control import ask_pending_uploads
 
     mountpoint = session.info.get("mountpoint")
     if not mountpoint or session.info.get("host") != socket.gethostname():
         return None
-    try:
-        with ControlClient(control_socket_path(str(mountpoint)), timeout=2) as client:
-            return int(client.call("pending").get("blocks", 0))
-    except (ControlError, LoftError, OSError, ValueError, TypeError):
-        return None
+    pending = ask_pending_uploads(str(mountpoint))
+    return None if pending is None else pending[0]
 
 
 def session_dict(session: SessionInfo, now_ns: int) -> dict[str, Any]:

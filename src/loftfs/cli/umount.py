@@ -130,24 +130,20 @@ def umount_cmd(
 def _wait_showing_uploads(root: str, pid: int, timeout_s: float) -> bool:
     """``wait_for_exit``, telling the user how many write-back uploads the process still has
     (its control socket answers until the uploads are done)."""
-    from loftfs.control import ControlClient, ControlError, control_socket_path
+    from loftfs.control import ask_pending_uploads
 
     deadline = time.monotonic() + timeout_s
-    sock = control_socket_path(os.path.realpath(root))
+    real = os.path.realpath(root)
     shown = -1
     while not wait_for_exit(pid, min(1.0, max(0.0, deadline - time.monotonic()))):
         if time.monotonic() >= deadline:
             return False
-        try:
-            with ControlClient(sock, timeout=2) as client:
-                pending = client.call("pending")
-        except (ControlError, OSError, LoftError):
+        pending = ask_pending_uploads(real)
+        if pending is None:
             continue
-        blocks = int(pending.get("blocks", 0))
+        blocks, nbytes = pending
         if blocks and blocks != shown:
-            say(
-                f"Waiting for {blocks} blocks ({format_size(int(pending.get('bytes', 0)))}) to upload"
-            )
+            say(f"Waiting for {blocks} blocks ({format_size(nbytes)}) to upload")
             shown = blocks
     return True
 

@@ -434,9 +434,7 @@ class NamespaceOps(MetaCore):
 
         def fn(tx: Txn, acct: Acct) -> Attr:
             attr = self._get(tx, inode)
-            if attr.type == FileType.DIR and mask & W_OK:
-                raise FSError(errno.EISDIR)
-            perm.check(ctx, attr, mask)
+            perm.check_open(ctx, attr, mask)
             tx.add_open(sid, inode)
             return attr
 
@@ -447,9 +445,7 @@ class NamespaceOps(MetaCore):
 
         def fn(tx: Txn) -> Attr:
             attr = self._get(tx, inode)
-            if attr.type == FileType.DIR and mask & W_OK:
-                raise FSError(errno.EISDIR)
-            perm.check(ctx, attr, mask)
+            perm.check_open(ctx, attr, mask)
             return attr
 
         return self._read(fn)

@@ -145,6 +145,14 @@ def open_mask(flags: int) -> int:
     return mask
 
 
+def check_open(ctx: Ctx, attr: Attr, mask: int) -> None:
+    """May ``ctx`` open ``attr`` with ``mask`` (``open_mask``)? A directory never for writing
+    (EISDIR), anything else by its permission bits."""
+    if attr.type == FileType.DIR and mask & W_OK:
+        raise FSError(errno.EISDIR)
+    check(ctx, attr, mask)
+
+
 def check_xattr(ctx: Ctx, attr: Attr, name: bytes, write: bool) -> None:
     """Namespace rules for extended attributes (Linux ``xattr_permission``).
 

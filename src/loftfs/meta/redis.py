@@ -92,7 +92,7 @@ from loftfs.meta.redis_txn import (
     unpack_slices,
 )
 from loftfs.meta.txn import Txn
-from loftfs.meta.types import MAX_NAME, W_OK, X_OK, Attr, Ctx, FileType, Slice, VolumeSettings
+from loftfs.meta.types import MAX_NAME, X_OK, Attr, Ctx, FileType, Slice, VolumeSettings
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -454,9 +454,7 @@ class RedisMeta(BaseMeta):
             if data is None:
                 raise FSError(errno.ENOENT)
             attr = unpack_attr(inode, data)
-            if attr.type == FileType.DIR and mask & W_OK:
-                raise FSError(errno.EISDIR)
-            perm.check(ctx, attr, mask)
+            perm.check_open(ctx, attr, mask)
         except BaseException:
             self._drop_open_record(sid, inode)
             raise

@@ -304,12 +304,10 @@ class VFS:
                 while inode in self._releasing:  # its record is being dropped right now
                     self._released.wait()
                 st = self._inodes.get(inode)
-                first = st is None or st.opens == 0
                 # taken out of the deferred releases now, so no batch can drop the record
                 # this open relies on
                 claimed = self._lingering.pop(inode, None)
                 covered = (st is not None and st.opens > 0) or claimed is not None
-            fresh = False
             if covered:  # this session's open record is already there
                 try:
                     attr = self.meta.reopen(ctx, inode, flags)
@@ -318,12 +316,9 @@ class VFS:
                         with self._lock:
                             self._lingering[inode] = claimed
                     raise
-            elif first:
+            else:  # not open here and no record left: the first open in this mount
                 attr = self._first_open(ctx, inode, flags)
-                fresh = True
-            else:
-                attr = self.meta.open(ctx, inode, flags)
-            fh, keep = self._register_open(attr, flags, fresh=fresh)
+            fh, keep = self._register_open(attr, flags, fresh=not covered)
         if flags & os.O_TRUNC and attr.type == FileType.FILE:
             try:
                 attr = self._truncate(ctx, inode, 0, check_perm=False)
