@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 START_TIMEOUT_S = 60.0
 
@@ -472,6 +473,19 @@ class SeaweedServer(Server):
 
     def bucket_url(self, bucket: str) -> str:
         return f"{self.endpoint}/{bucket}"
+
+    def client(self, reader: bool = False) -> Any:
+        """A boto3 S3 client of the admin (or of the read-only identity)."""
+        import boto3
+
+        key, secret = S3_READER if reader else S3_ADMIN
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+            region_name="us-east-1",
+        )
 
     def env(self, reader: bool = False) -> dict[str, str]:
         """Environment variables giving the admin's (or the read-only) credentials."""

@@ -55,5 +55,10 @@ class ObjectCorrupted(ObjectStoreError):
     """The object's content failed a check (checksum, decompression, decryption, length)."""
 
 
+class ObjectChanged(ObjectStoreError):
+    """The object is not the version asked for any more (its ETag or version differs): it was
+    overwritten or replaced after it was recorded."""
+
+
 class ObjectTransientError(ObjectStoreError):
     """A failure worth retrying: timeout, throttling, 5xx, connection reset."""

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from loftcli import check_clean_error, loft, loft_process, ok
 
@@ -48,13 +47,7 @@ def admin_env(server: SeaweedServer) -> dict[str, str]:
 
 
 def client(server: SeaweedServer) -> Any:
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=server.endpoint,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name="us-east-1",
-    )
+    return server.client()
 
 
 def objects(server: SeaweedServer, bucket: str) -> list[str]:

@@ -19,7 +19,14 @@ from hypothesis import strategies as st
 from loftfs.errors import FSError
 from loftfs.fuse import ll_abi as abi
 from loftfs.fuse.ll_locks import LockWaiters
-from loftfs.fuse.ll_ops import _timeout, fill_stat, lock_owner, lock_range, pack_direntplus
+from loftfs.fuse.ll_ops import (
+    _timeout,
+    dirent_page,
+    direntplus_page,
+    fill_stat,
+    lock_owner,
+    lock_range,
+)
 from loftfs.fuse.lowlevel import fuse_argv
 from loftfs.meta.types import LOCK_EOF, Attr, FileType
 
@@ -241,32 +248,71 @@ attr_values = st.builds(
 )  # fmt: skip
 
 
+names = st.binary(min_size=1, max_size=300).filter(lambda n: b"\0" not in n)
+kinds = st.sampled_from(list(FileType))
+
+
 @given(
-    attr=attr_values,
-    kind=st.sampled_from([FileType.FILE, FileType.DIR, FileType.SYMLINK, FileType.FIFO]),
-    name=st.binary(min_size=1, max_size=300).filter(lambda n: b"\0" not in n),
-    index=st.integers(1, 2**63 - 1),
-    timeouts=st.tuples(st.floats(0, 1e6), st.floats(0, 1e6)),
+    listing=st.lists(st.tuples(names, attr_values, kinds), min_size=1, max_size=40),
+    first=st.integers(1, 2**62),
+    size=st.integers(0, 8192),
+    timeouts=st.tuples(st.floats(0, 1e6), st.floats(0, 1e6), st.floats(0, 1e6)),
 )
-def test_packed_direntplus_equals_libfuse(
-    attr: Attr, kind: FileType, name: bytes, index: int, timeouts: tuple[float, float]
+def test_readdirplus_page_equals_libfuse(
+    listing: list[tuple[bytes, Attr, FileType]],
+    first: int,
+    size: int,
+    timeouts: tuple[float, float, float],
 ) -> None:
-    """Directory pages are packed in Python; every byte must equal what libfuse's own
-    fuse_add_direntry_plus writes for the same entry."""
-    attr.type = kind
+    """READDIRPLUS pages are packed in Python; every byte must equal what libfuse's own
+    fuse_add_direntry_plus writes for the same entries, and a page ends at the first entry
+    that does not fit."""
     lib = abi.load()
-    e = abi.EntryParam()
-    e.ino = attr.inode
-    fill_stat(e.attr, attr)
-    e.entry_timeout, e.attr_timeout = timeouts
-    size = 4096
-    theirs = ctypes.create_string_buffer(size)
-    n = lib.fuse_add_direntry_plus(None, ctypes.addressof(theirs), size, name, e, index)
-    ours = bytearray(size)
-    m = pack_direntplus(ours, 0, name, attr, index, _timeout(timeouts[0]), _timeout(timeouts[1]))
-    assert m == n
-    assert bytes(ours[:m]) == theirs.raw[:n]
-    # an entry that does not fit is not written
-    small = bytearray(n - 1)
-    assert pack_direntplus(small, 0, name, attr, index, (0, 0), (0, 0)) == 0
-    assert small == bytearray(n - 1)
+    entries = []
+    for name, attr, kind in listing:
+        attr.type = kind
+        entries.append((name, attr))
+    theirs = ctypes.create_string_buffer(max(size, 1))
+    pos = 0
+    expected = []
+    for index, (name, attr) in enumerate(entries, start=first):
+        e = abi.EntryParam()
+        e.ino = attr.inode
+        fill_stat(e.attr, attr)
+        e.attr_timeout = timeouts[2]
+        e.entry_timeout = timeouts[1] if attr.type == FileType.DIR else timeouts[0]
+        room = size - pos
+        n = lib.fuse_add_direntry_plus(None, ctypes.addressof(theirs) + pos, room, name, e, index)
+        if n > room:
+            break
+        pos += n
+        expected.append(attr)
+    reported: list[Attr] = []
+    page = direntplus_page(iter(entries), first, size, *(_timeout(t) for t in timeouts), reported)
+    assert page == theirs.raw[:pos]
+    assert reported == expected
+
+
+@given(
+    listing=st.lists(st.tuples(names, st.integers(1, 2**64 - 1), kinds), min_size=1, max_size=60),
+    first=st.integers(1, 2**62),
+    size=st.integers(0, 8192),
+)
+def test_readdir_page_equals_libfuse(
+    listing: list[tuple[bytes, int, FileType]], first: int, size: int
+) -> None:
+    """Plain pages too: every byte equals what fuse_add_direntry writes."""
+    lib = abi.load()
+    entries = [(name, Attr(inode, kind, 0o644, 0, 0)) for name, inode, kind in listing]
+    theirs = ctypes.create_string_buffer(max(size, 1))
+    pos = 0
+    for index, (name, attr) in enumerate(entries, start=first):
+        st_ = abi.Stat()
+        st_.st_ino = attr.inode
+        st_.st_mode = attr.st_mode
+        room = size - pos
+        n = lib.fuse_add_direntry(None, ctypes.addressof(theirs) + pos, room, name, st_, index)
+        if n > room:
+            break
+        pos += n
+    assert dirent_page(iter(entries), first, size) == theirs.raw[:pos]

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loftfs.errors import ObjectNotFound
+from loftfs.errors import ObjectChanged, ObjectNotFound
 from loftfs.object.interface import ObjectInfo, ObjectStore
 
 from .conftest import StoreFactory
@@ -74,6 +74,30 @@ def test_ranged_get(store: ObjectStore, offset: int, limit: int) -> None:
     store.put("range", data)
     expected = data[offset:] if limit < 0 else data[offset : offset + limit]
     assert store.get("range", offset, limit) == expected
+
+
+def test_get_checked_serves_only_the_version_listed(store: ObjectStore) -> None:
+    """What imports rely on: the ETag that ``head`` and ``list`` report pins a version; a get
+    checked against it returns that version's bytes, or ``ObjectChanged`` once it was replaced
+    (never bytes of the new version), and ``ObjectNotFound`` once it is gone."""
+    store.put("v", b"version one")
+    etag = store.head("v").etag
+    assert etag, "every store reports a version tag"
+    assert [i.etag for i in store.list() if i.key == "v"] == [etag]
+    assert store.get_checked("v", etag) == b"version one"
+    assert store.get_checked("v", etag, 8, 3) == b"one"
+    assert store.get_checked("v", etag, 11, 5) == b""
+    time.sleep(0.01)  # a new mtime where the tag is derived from it
+    store.put("v", b"version two, longer")
+    with pytest.raises(ObjectChanged):
+        store.get_checked("v", etag, 0, 4)
+    with pytest.raises(ObjectChanged):
+        store.get_checked("v", etag, 100, 4)
+    new = store.head("v").etag
+    assert new != etag and store.get_checked("v", new, 8, 3) == b"two"
+    store.delete("v")
+    with pytest.raises(ObjectNotFound):
+        store.get_checked("v", new)
 
 
 def test_overwrite(store: ObjectStore) -> None:

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import boto3
 import pytest
 
 from loftfs.errors import (
@@ -144,13 +143,7 @@ def raw_store(
 
 
 def admin_client(server: SeaweedServer) -> Any:
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=server.endpoint,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name="us-east-1",
-    )
+    return server.client()
 
 
 def bucket_exists(server: SeaweedServer, bucket: str) -> bool:

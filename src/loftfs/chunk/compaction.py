@@ -17,7 +17,7 @@ from loftfs.chunk.pool import WorkerPool
 from loftfs.chunk.reader import Reader, SliceCache
 from loftfs.errors import FSError, LoftError
 from loftfs.meta.interface import Meta
-from loftfs.meta.types import Slice
+from loftfs.meta.types import KIND_EXTERNAL, KIND_NATIVE, Slice
 from loftfs.object.interface import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -100,17 +100,22 @@ class Compactor:
 
     # --- work -------------------------------------------------------------------------------
 
-    def compact_chunk(self, inode: int, index: int) -> bool:
+    def compact_chunk(self, inode: int, index: int, *, materialize: bool = False) -> bool:
         """Rewrite chunk ``index`` of ``inode`` as one slice covering its data (from the first
         to the last byte not in a hole; holes in between become zeros). Returns True when the
         slice list was replaced, False when there was nothing to do or the chunk changed
-        meanwhile (the new blocks are then deleted)."""
+        meanwhile (the new blocks are then deleted).
+
+        Chunks showing external data (imported files) are left alone, so background compaction
+        never copies a source into the volume; ``materialize`` rewrites exactly those (one
+        external slice is enough), copying their data into the volume's own store."""
         old = self.meta.read_chunk(inode, index)
-        if len(old) < 2:
-            return False
         segs = overlay(old)
-        if any(s.id != 0 and s.kind != 0 for s in segs):
-            return False  # slices this client cannot rewrite (external data)
+        external = any(s.id != 0 and s.kind == KIND_EXTERNAL for s in segs)
+        if materialize != external or (not materialize and len(old) < 2):
+            return False
+        if any(s.id != 0 and s.kind not in (KIND_NATIVE, KIND_EXTERNAL) for s in segs):
+            return False  # slices of a kind this client cannot read
         data = [s for s in segs if s.id != 0]
         if not data:
             new: list[Slice] = []

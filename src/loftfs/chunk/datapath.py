@@ -20,17 +20,20 @@ from loftfs.chunk.budget import MemoryBudget
 from loftfs.chunk.cache_disk import DiskCache
 from loftfs.chunk.cache_mem import MemBlockCache
 from loftfs.chunk.compaction import Compactor
+from loftfs.chunk.external import ExternalReads
 from loftfs.chunk.gc import BlockGC
+from loftfs.chunk.layout import overlay
 from loftfs.chunk.pool import WorkerPool
 from loftfs.chunk.prefetch import ReadState
 from loftfs.chunk.reader import BlockFetcher, BlockSlice, Reader, SliceCache
 from loftfs.chunk.writeback import WriteBack
 from loftfs.chunk.writer import FileWriter, WriteContext
-from loftfs.errors import ConfigError
+from loftfs.errors import ConfigError, FSError
 from loftfs.meta.interface import Meta
-from loftfs.meta.types import CHUNK_SIZE, VolumeSettings
+from loftfs.meta.types import CHUNK_SIZE, KIND_EXTERNAL, VolumeSettings
 from loftfs.metrics import Metrics
 from loftfs.object.interface import ObjectStore
+from loftfs.sources import SourceStores
 from loftfs.vfs.options import MountOptions
 
 log = logging.getLogger(__name__)
@@ -72,9 +75,15 @@ class DataPath:
             if self.disk is None:
                 raise ConfigError("--writeback needs the disk cache (a --cache-size above 0)")
             self.writeback = WriteBack(self.disk, store, opts.upload_threads)
+        # Blocks of imported files come from their sources (ranged GETs, version-checked).
+        self.external = ExternalReads(
+            store, meta, SourceStores(meta, store, settings.uuid), settings.block_size
+        )
         # What the writers, compaction, gc and the fetcher use: the disk cache and write-back
-        # in front of the volume's store.
-        self.store = store = CachedBlockStore(store, self.disk, self.writeback, settings.block_size)
+        # in front of the volume's store (and of the sources).
+        self.store = store = CachedBlockStore(
+            self.external, self.disk, self.writeback, settings.block_size
+        )
         self.opts = opts
         self.block_size = settings.block_size
         self.budget = MemoryBudget(opts.buffer_size)
@@ -246,6 +255,28 @@ class DataPath:
                 fut.cancel()
         return fetched, cached
 
+    def materialize(self, inode: int, file_size: int) -> tuple[int, int]:
+        """Copy the external data of ``inode`` (an imported file) into the volume's own store,
+        chunk by chunk (each swap a compare-and-replace, so concurrent writes win; a chunk that
+        changed meanwhile is tried again). Returns (bytes copied, bytes already native).
+        Raises the first failure (what was done stays done: running it again resumes)."""
+        copied = native = 0
+        for index in range((file_size + CHUNK_SIZE - 1) // CHUNK_SIZE):
+            for _attempt in range(5):
+                segs = overlay(self.meta.read_chunk(inode, index))
+                ext = sum(s.len for s in segs if s.id and s.kind == KIND_EXTERNAL)
+                if not ext:
+                    native += sum(s.len for s in segs if s.id)
+                    break
+                if self.compactor.compact_chunk(inode, index, materialize=True):
+                    copied += ext
+                    break
+            else:
+                raise FSError(
+                    errno.EAGAIN, f"chunk {index} kept changing while it was materialized"
+                )
+        return copied, native
+
     def _warm_block(self, key: str, length: int) -> None:
         if self.disk is not None:
             self.store.warm_block(key, length)
@@ -268,6 +299,7 @@ class DataPath:
         metrics.register_source(
             "buffer", lambda: {"used_bytes": budget.used, "total_bytes": budget.total}
         )
+        metrics.register_source("source", self.external.figures)
         if self.disk is not None:
             metrics.register_source("disk_cache", self.disk.stats)
         if self.writeback is not None:

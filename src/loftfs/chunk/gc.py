@@ -20,6 +20,7 @@ class GCStats:
     blocks: int = 0
     bytes: int = 0
     failed: int = 0  # slices whose blocks could not all be deleted (they stay queued)
+    external: int = 0  # external slices forgotten (their source objects are never touched)
 
 
 class BlockGC:
@@ -60,7 +61,13 @@ class BlockGC:
             if not batch:
                 break
             done: list[int] = []
+            # external slices have no blocks of ours: forgetting them drops their records
+            external = self.meta.get_ext([i for i, _ in batch])
             for slice_id, size in batch:
+                if slice_id in external:
+                    done.append(slice_id)
+                    stats.external += 1
+                    continue
                 keys = block_keys(self.uuid, slice_id, size, self.block_size)
                 try:
                     self.store.delete_many(keys)

@@ -7,18 +7,20 @@ import errno
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from loftfs.chunk.cache_mem import MemBlockCache
+from loftfs.chunk.external import ext_block_key
 from loftfs.chunk.layout import Segment, block_key, chunk_ranges, overlay
 from loftfs.chunk.pool import WorkerPool
 from loftfs.chunk.prefetch import ReadState
 from loftfs.chunk.singleflight import SingleFlight
 from loftfs.errors import FSError, ObjectCorrupted, ObjectNotFound, ObjectStoreError
 from loftfs.meta.interface import Meta
-from loftfs.meta.types import CHUNK_SIZE, Slice
+from loftfs.meta.types import CHUNK_SIZE, KIND_EXTERNAL, KIND_NATIVE, Slice
 from loftfs.object.interface import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -266,7 +268,12 @@ class Reader:
         """The block pieces (or a zero piece) making up one visible segment."""
         if seg.id == 0:
             return [_Piece("", 0, 0, seg.len)]
-        if seg.kind != 0:
+        key_of: Callable[[str, int, int, int], str]
+        if seg.kind == KIND_NATIVE:
+            key_of = block_key
+        elif seg.kind == KIND_EXTERNAL:
+            key_of = ext_block_key
+        else:
             log.error("slice %d has kind %d, which this client cannot read", seg.id, seg.kind)
             raise FSError(errno.EIO, f"slice {seg.id}: unsupported kind {seg.kind}")
         if seg.off < 0 or seg.off + seg.len > seg.size:
@@ -283,7 +290,7 @@ class Reader:
             blen = min(bs, seg.size - base)
             stop = min(end, base + blen)
             pieces.append(
-                _Piece(block_key(self.uuid, seg.id, bi, blen), blen, off - base, stop - base)
+                _Piece(key_of(self.uuid, seg.id, bi, blen), blen, off - base, stop - base)
             )
             off = stop
         return pieces

@@ -19,8 +19,10 @@ from loftfs.cli.format import format_cmd
 from loftfs.cli.gc import gc_cmd
 from loftfs.cli.info import info_cmd
 from loftfs.cli.load import load_cmd
+from loftfs.cli.materialize import materialize_cmd
 from loftfs.cli.mount import mount_cmd
 from loftfs.cli.objbench import objbench_cmd
+from loftfs.cli.source import import_cmd, source_app
 from loftfs.cli.stats import stats_cmd
 from loftfs.cli.status import status_cmd
 from loftfs.cli.umount import umount_cmd
@@ -79,6 +81,9 @@ app.command("load")(load_cmd)
 app.command("objbench")(objbench_cmd)
 app.command("stats")(stats_cmd)
 app.command("warmup")(warmup_cmd)
+app.command("import")(import_cmd)
+app.command("materialize")(materialize_cmd)
+app.add_typer(source_app, name="source")
 
 
 if __name__ == "__main__":

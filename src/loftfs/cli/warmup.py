@@ -178,13 +178,14 @@ def _warm_batch(
     client: ControlClient,
     batch: list[WarmFile],
     report: Callable[[tuple[WarmFile, int, int, str | None]], None],
+    command: str = "warmup",
 ) -> None:
     """Send one batch and report each file's answer. Files left unanswered are reported
     failed: with the error when the request failed (which is then raised again)."""
     waiting = {f.inode: f for f in batch}
     reason = "the mount gave no answer for this file"
     try:
-        for msg in client.request("warmup", inodes=[f.inode for f in batch]):
+        for msg in client.request(command, inodes=[f.inode for f in batch]):
             inode = msg.get("inode")
             f = waiting.pop(inode, None) if isinstance(inode, int) else None
             if f is None:
@@ -213,10 +214,12 @@ def run_warmup(
     on_file: FileDone | None = None,
     *,
     timeout: float | None = ANSWER_TIMEOUT_S,
+    command: str = "warmup",
 ) -> WarmupSummary:
     """Warm up every job's files from ``threads`` client threads, calling ``on_file`` (in this
     thread) as each file's answer arrives. A batch that fails (the mount is gone, refuses the
-    command) marks its files failed with the reason; the other batches go on."""
+    command) marks its files failed with the reason; the other batches go on. ``command``: the
+    mount's per-file command (``warmup``; ``materialize`` answers in the same shape)."""
     work: queue.SimpleQueue[tuple[WarmupJob, list[WarmFile]] | None] = queue.SimpleQueue()
     total = 0
     for job in jobs:
@@ -245,7 +248,7 @@ def run_warmup(
                         continue
                     clients[job.socket] = client
                 try:
-                    _warm_batch(client, batch, results.put)
+                    _warm_batch(client, batch, results.put, command)
                 except LoftError:  # reported per file; the next batch reconnects
                     clients.pop(job.socket).close()
         finally:
@@ -291,12 +294,14 @@ class BinaryRateColumn(ProgressColumn):
         return Text(f"{format_size(speed)}/s" if speed else "?", style="progress.data.speed")
 
 
-def _progress(total_files: int, total_bytes: int) -> tuple[Progress | None, FileDone | None]:
+def _progress(
+    total_files: int, total_bytes: int, label: str = "warming up"
+) -> tuple[Progress | None, FileDone | None]:
     console = stderr_console()
     if not console.is_terminal:
         return None, None
     progress = Progress(
-        TextColumn("warming up"),
+        TextColumn(label),
         BarColumn(),
         TextColumn("{task.fields[files]}"),
         DownloadColumn(binary_units=True),
@@ -333,6 +338,48 @@ def summary_rows(summary: WarmupSummary) -> list[tuple[str, str]]:
     ]
 
 
+def run_on_files(
+    paths: Sequence[str],
+    threads: int,
+    from_file: str | None,
+    *,
+    command: str,
+    label: str,
+    verb: str,
+) -> tuple[WarmupSummary, list[str]]:
+    """What ``loft warmup`` and ``loft materialize`` share: find the files of ``paths`` (and
+    of ``from_file``) in their mounts, send them to the mounts' per-file ``command`` with a
+    progress bar (``label``), print what failed. Returns the summary and the paths skipped;
+    ``ConfigError``/``LoftError`` when there is nothing to do."""
+    if threads < 1:
+        raise ConfigError(f"--threads must be 1 or more, not {threads}")
+    targets = list(paths)
+    if from_file is not None:
+        targets += read_path_list(from_file)
+    if not targets:
+        raise ConfigError("no path given (name files or directories, or use --from-file)")
+    jobs, problems = plan_warmup(targets)
+    if not jobs and len(problems) == 1:
+        raise ConfigError(problems[0])
+    for problem in problems:
+        print_warning(problem)
+    if not jobs and problems:
+        raise LoftError(f"none of the {len(problems)} paths could be {verb}")
+    total_files = sum(len(job.files) for job in jobs)
+    total_bytes = sum(f.size for job in jobs for f in job.files)
+    progress, on_file = _progress(total_files, total_bytes, label)
+    if progress is not None:
+        with progress:
+            summary = run_warmup(jobs, threads, on_file, command=command)
+    else:
+        summary = run_warmup(jobs, threads, command=command)
+    for path, why in summary.errors[:MAX_ERRORS_SHOWN]:
+        print_warning(f"{path}: {why}")
+    if len(summary.errors) > MAX_ERRORS_SHOWN:
+        print_warning(f"... and {len(summary.errors) - MAX_ERRORS_SHOWN} more failed files")
+    return summary, problems
+
+
 def warmup_cmd(
     paths: Annotated[
         list[str] | None,
@@ -349,32 +396,9 @@ def warmup_cmd(
     ] = None,
 ) -> None:
     """Fetch files into their mount's cache ahead of use."""
-    if threads < 1:
-        raise ConfigError(f"--threads must be 1 or more, not {threads}")
-    targets = list(paths or [])
-    if from_file is not None:
-        targets += read_path_list(from_file)
-    if not targets:
-        raise ConfigError("no path given (name files or directories, or use --from-file)")
-    jobs, problems = plan_warmup(targets)
-    if not jobs and len(problems) == 1:
-        raise ConfigError(problems[0])
-    for problem in problems:
-        print_warning(problem)
-    if not jobs and problems:
-        raise LoftError(f"none of the {len(problems)} paths could be warmed up")
-    total_files = sum(len(job.files) for job in jobs)
-    total_bytes = sum(f.size for job in jobs for f in job.files)
-    progress, on_file = _progress(total_files, total_bytes)
-    if progress is not None:
-        with progress:
-            summary = run_warmup(jobs, threads, on_file)
-    else:
-        summary = run_warmup(jobs, threads)
-    for path, why in summary.errors[:MAX_ERRORS_SHOWN]:
-        print_warning(f"{path}: {why}")
-    if len(summary.errors) > MAX_ERRORS_SHOWN:
-        print_warning(f"... and {len(summary.errors) - MAX_ERRORS_SHOWN} more failed files")
+    summary, problems = run_on_files(
+        paths or [], threads, from_file, command="warmup", label="warming up", verb="warmed up"
+    )
     stdout_console().print(kv_table("Warmup", summary_rows(summary)))
     failed = []
     if summary.errors:

@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from loftfs.errors import FSError, LoftError
-from loftfs.fuse.common import BLOCK_UNIT, fill_statvfs
+from loftfs.fuse.common import BLOCK_UNIT, device_number, fill_statvfs
 from loftfs.meta.types import NOW, Attr, Ctx, FileType
 from loftfs.metrics import Metrics, is_failure
 from loftfs.vfs.options import MountOptions
@@ -119,7 +119,7 @@ class FuseOperations(pyfuse3.Operations):
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid
         e.st_gid = attr.gid
-        e.st_rdev = attr.rdev
+        e.st_rdev = device_number(attr)
         e.st_size = attr.size
         e.st_blksize = BLOCK_UNIT
         e.st_blocks = (attr.size + 511) // 512

@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from loftfs.meta.types import MAX_NAME, StatFS
+from loftfs.meta.types import MAX_NAME, Attr, FileType, StatFS
 from loftfs.vfs.options import MountOptions
 
 BLOCK_UNIT = 4096  # st_blksize and the statfs block unit reported to the kernel
+
+
+def device_number(attr: Attr) -> int:
+    """``st_rdev``: the device number of device nodes, 0 for everything else (directories use
+    the field internally, see ``loftfs.meta.ops_import.LAZY_MARK``)."""
+    return attr.rdev if attr.type in (FileType.CHR, FileType.BLK) else 0
 
 
 def mount_options(name: str, opts: MountOptions) -> set[str]:

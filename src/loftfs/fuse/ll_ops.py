@@ -19,13 +19,13 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from loftfs.chunk.reader import BlockSlice
 from loftfs.errors import FSError, LoftError
 from loftfs.fuse import ll_abi as abi
-from loftfs.fuse.common import BLOCK_UNIT, fill_statvfs
+from loftfs.fuse.common import BLOCK_UNIT, device_number, fill_statvfs
 from loftfs.fuse.ll_locks import LockWaiters
 from loftfs.fuse.ll_threads import ThreadStates
 from loftfs.meta.types import F_RDLCK, F_UNLCK, F_WRLCK, LOCK_EOF, NOW, Attr, Ctx, FileType
@@ -49,14 +49,17 @@ WANT = (
     | abi.CAP_POSIX_LOCKS
     | abi.CAP_FLOCK_LOCKS
     | abi.CAP_READDIRPLUS
+    # attributes with the listing only where they are wanted: the first page, and the pages
+    # after the application looked at entries (``ls -l``); a plain listing (``os.listdir``,
+    # ``find``) gets plain pages, which hold four times the entries and cost no attributes
+    | abi.CAP_READDIRPLUS_AUTO
     | abi.CAP_PARALLEL_DIROPS
     | abi.CAP_AUTO_INVAL_DATA
     | abi.CAP_ATOMIC_O_TRUNC  # the vfs truncates in open(): one request less per O_TRUNC
     | abi.CAP_ASYNC_DIO
 )
 UNWANTED = (
-    abi.CAP_READDIRPLUS_AUTO  # always readdirplus: attributes come with the listing
-    | abi.CAP_HANDLE_KILLPRIV  # the kernel clears setuid/setgid on write and truncate
+    abi.CAP_HANDLE_KILLPRIV  # the kernel clears setuid/setgid on write and truncate
     | abi.CAP_SPLICE_READ
     | abi.CAP_SPLICE_WRITE
     | abi.CAP_SPLICE_MOVE
@@ -85,6 +88,7 @@ def _set_ts(ts: abi.Timespec, ns: int) -> None:
 # ctime, atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags), then
 # fuse_dirent (ino, off, namelen, type) and the name, padded to 8 bytes.
 _DIRENTPLUS = struct.Struct("=QQQQIIQQQqqqIIIIIIIIIIQQII")
+_DIRENT = struct.Struct("=QQII")  # struct fuse_dirent: ino, off, namelen, type; then the name
 _DIRENT_ALIGN = 8
 
 
@@ -96,36 +100,70 @@ def _timeout(t: float) -> tuple[int, int]:
     return sec, min(int((t - sec) * 1e9), 999_999_999)
 
 
-def pack_direntplus(
-    buf: bytearray,
-    pos: int,
-    name: bytes,
-    attr: Attr,
-    index: int,
-    entry_timeout: tuple[int, int],
+_PADDING = [bytes(n) for n in range(_DIRENT_ALIGN)]
+
+
+def direntplus_page(
+    entries: Iterable[tuple[bytes, Attr]],
+    first_index: int,
+    size: int,
+    file_timeout: tuple[int, int],
+    dir_timeout: tuple[int, int],
     attr_timeout: tuple[int, int],
-) -> int:
-    """Write one directory entry with its attributes at ``buf[pos:]``; returns its padded
-    length, or 0 when it does not fit (nothing written)."""
-    size = _DIRENTPLUS.size + len(name)
-    padded = (size + _DIRENT_ALIGN - 1) & ~(_DIRENT_ALIGN - 1)
-    if pos + padded > len(buf):
-        return 0
-    mode = attr.st_mode
-    a_s, a_ns = divmod(attr.atime_ns, _NS)
-    m_s, m_ns = divmod(attr.mtime_ns, _NS)
-    c_s, c_ns = divmod(attr.ctime_ns, _NS)
-    _DIRENTPLUS.pack_into(
-        buf, pos,
-        attr.inode, 0, entry_timeout[0], attr_timeout[0], entry_timeout[1], attr_timeout[1],
-        attr.inode, attr.size, (attr.size + 511) // 512, a_s, m_s, c_s, a_ns, m_ns, c_ns,
-        mode, attr.nlink, attr.uid, attr.gid, attr.rdev, BLOCK_UNIT, 0,
-        attr.inode, index, len(name), (mode & 0o170000) >> 12,
-    )  # fmt: skip
-    end = pos + _DIRENTPLUS.size
-    buf[end : end + len(name)] = name
-    buf[end + len(name) : pos + padded] = bytes(padded - size)
-    return padded
+    reported: list[Attr],
+) -> bytes:
+    """A READDIRPLUS reply of at most ``size`` bytes: the entries that fit, each with its
+    attributes and its index (``first_index`` on) as the offset of the next one, byte for byte
+    what fuse_add_direntry_plus writes. The attributes of the entries packed are appended to
+    ``reported`` (the kernel now holds them)."""
+    parts: list[bytes] = []
+    add = parts.append
+    pack = _DIRENTPLUS.pack
+    head = _DIRENTPLUS.size
+    pos = 0
+    for index, (name, attr) in enumerate(entries, start=first_index):
+        length = len(name)
+        padded = (head + length + _DIRENT_ALIGN - 1) & ~(_DIRENT_ALIGN - 1)
+        pos += padded
+        if pos > size:
+            break
+        mode = attr.st_mode
+        entry_t = dir_timeout if attr.type == FileType.DIR else file_timeout
+        a_s, a_ns = divmod(attr.atime_ns, _NS)
+        m_s, m_ns = divmod(attr.mtime_ns, _NS)
+        c_s, c_ns = divmod(attr.ctime_ns, _NS)
+        add(
+            pack(
+                attr.inode, 0, entry_t[0], attr_timeout[0], entry_t[1], attr_timeout[1],
+                attr.inode, attr.size, (attr.size + 511) // 512, a_s, m_s, c_s, a_ns, m_ns, c_ns,
+                mode, attr.nlink, attr.uid, attr.gid, device_number(attr), BLOCK_UNIT, 0,
+                attr.inode, index, length, mode >> 12,
+            )
+        )  # fmt: skip
+        add(name)
+        add(_PADDING[padded - head - length])
+        reported.append(attr)
+    return b"".join(parts)
+
+
+def dirent_page(entries: Iterable[tuple[bytes, Attr]], first_index: int, size: int) -> bytes:
+    """A READDIR reply of at most ``size`` bytes: names, inodes and types of the entries that
+    fit, byte for byte what fuse_add_direntry writes."""
+    parts: list[bytes] = []
+    add = parts.append
+    pack = _DIRENT.pack
+    head = _DIRENT.size
+    pos = 0
+    for index, (name, attr) in enumerate(entries, start=first_index):
+        length = len(name)
+        padded = (head + length + _DIRENT_ALIGN - 1) & ~(_DIRENT_ALIGN - 1)
+        pos += padded
+        if pos > size:
+            break
+        add(pack(attr.inode, index, length, attr.type.ifmt >> 12))
+        add(name)
+        add(_PADDING[padded - head - length])
+    return b"".join(parts)
 
 
 def fill_stat(st: abi.Stat, attr: Attr) -> None:
@@ -134,7 +172,7 @@ def fill_stat(st: abi.Stat, attr: Attr) -> None:
     st.st_nlink = attr.nlink
     st.st_uid = attr.uid
     st.st_gid = attr.gid
-    st.st_rdev = attr.rdev
+    st.st_rdev = device_number(attr)
     st.st_size = attr.size
     st.st_blksize = BLOCK_UNIT
     st.st_blocks = (attr.size + 511) // 512
@@ -701,37 +739,23 @@ class LowLevelOperations:
 
     def _readdir(self, req: int, size: int, off: int, fi: Any, *, plus: bool) -> None:
         # Permission to list was checked at opendir, as on a local file system.
-        entries = self.vfs.readdir(ROOT, fi.contents.fh, off)
+        entries = self.vfs.readdir(ROOT, fi.contents.fh, off, sizes=plus)
         if plus:
-            out = bytearray(size)
-            pos = 0
-            attr_t = _timeout(self.opts.attr_timeout)
-            file_t = _timeout(self.opts.entry_timeout)
-            dir_t = _timeout(self.opts.dir_entry_timeout)
-            for index, (name, attr) in enumerate(entries, start=off + 1):
-                is_dir = attr.type == FileType.DIR
-                n = pack_direntplus(
-                    out, pos, name, attr, index, dir_t if is_dir else file_t, attr_t
-                )
-                if not n:
-                    break
+            reported: list[Attr] = []
+            page = direntplus_page(
+                entries,
+                off + 1,
+                size,
+                _timeout(self.opts.entry_timeout),
+                _timeout(self.opts.dir_entry_timeout),
+                _timeout(self.opts.attr_timeout),
+                reported,
+            )
+            for attr in reported:
                 self._remember_reported(attr)
-                pos += n
-            self.lib.fuse_reply_buf(req, bytes(out[:pos]), pos)
-            return
-        buf = ctypes.create_string_buffer(size)
-        base = ctypes.addressof(buf)
-        pos = 0
-        for index, (name, attr) in enumerate(entries, start=off + 1):
-            room = size - pos
-            st = abi.Stat()
-            st.st_ino = attr.inode
-            st.st_mode = attr.st_mode
-            n = self.lib.fuse_add_direntry(req, base + pos, room, name, st, index)
-            if n > room:
-                break
-            pos += n
-        self.lib.fuse_reply_buf(req, base, pos)
+        else:
+            page = dirent_page(entries, off + 1, size)
+        self.lib.fuse_reply_buf(req, page, len(page))
 
     def releasedir(self, req: int, ino: int, fi: Any) -> None:
         self.vfs.releasedir(fi.contents.fh)

@@ -216,6 +216,7 @@ def run_mount(
         raise
     data.register_metrics(metrics)
     vfs = VFS(meta, data, settings, opts)
+    metrics.register_source("lazy", vfs.lazy.figures)
     meta.new_session(
         {**process_identity(), "mountpoint": real, "version": _version()},
         heartbeat_s=opts.heartbeat_s,
@@ -328,7 +329,8 @@ def _write_result(real_mountpoint: str, result: dict[str, int]) -> None:
 
 def mount_handlers(meta: Meta, data: DataPath, metrics: Metrics) -> dict[str, Handler]:
     """The commands of the mount's control socket (``loftfs.control``): ``stats`` for ``loft
-    stats``, ``warmup`` for ``loft warmup``, ``pending`` for ``loft umount``/``status``."""
+    stats``, ``warmup`` for ``loft warmup``, ``materialize`` for ``loft materialize``,
+    ``pending`` for ``loft umount``/``status``."""
 
     def stats(args: Message) -> Message:
         return metrics.snapshot()
@@ -353,7 +355,28 @@ def mount_handlers(meta: Meta, data: DataPath, metrics: Metrics) -> dict[str, Ha
             yield {"inode": inode, "fetched_bytes": fetched, "cached_bytes": cached, "error": error}
         yield {"done": True}
 
-    return {"stats": stats, "pending": pending, "warmup": warmup}
+    def materialize(args: Message) -> Iterator[Message]:
+        for inode in int_list(args, "inodes"):
+            copied = native = 0
+            error: str | None = None
+            try:
+                attr = meta.getattr(inode)
+                if attr.type != FileType.FILE:
+                    raise FSError(errno.EISDIR, "not a regular file")
+                copied, native = data.materialize(inode, attr.size)
+            except LoftError as e:
+                error = str(e) or errno.errorcode.get(getattr(e, "errno", 0), "error")
+            except OSError as e:
+                error = e.strerror or str(e)
+            yield {"inode": inode, "fetched_bytes": copied, "cached_bytes": native, "error": error}
+        yield {"done": True}
+
+    return {
+        "stats": stats,
+        "pending": pending,
+        "warmup": warmup,
+        "materialize": materialize,
+    }
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -40,6 +40,7 @@ from loftfs.errors import ConfigError, VolumeExists
 from loftfs.meta.core import DIR_SIZE, Acct, now_ns
 from loftfs.meta.ops_data import DataOps
 from loftfs.meta.ops_ext import ExtOps
+from loftfs.meta.ops_import import ImportOps
 from loftfs.meta.ops_ns import NamespaceOps
 from loftfs.meta.txn import (
     NEXT_INODE,
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 ROOT_MODE = 0o777  # the root directory of a new volume is world-writable, like JuiceFS's
 
 
-class BaseMeta(NamespaceOps, DataOps, ExtOps):
+class BaseMeta(NamespaceOps, DataOps, ExtOps, ImportOps):
     """Every ``Meta`` method, written once over ``Txn``; engines add storage only."""
 
     # --- volume -------------------------------------------------------------------------------

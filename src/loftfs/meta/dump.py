@@ -6,19 +6,24 @@ Both work over the ``Txn`` primitives of ``loftfs.meta.txn`` through the engine'
 dump holds one directory listing and a bounded batch of records at a time, the load parses one
 line at a time and writes a few thousand records per transaction.
 
-The document (format version 1, described for users in ``docs/DUMP.md``) is valid JSON laid
+The document (format version 2, described for users in ``docs/DUMP.md``) is valid JSON laid
 out one member or array element per line, which is what lets ``load_meta`` parse it line by
 line::
 
     {
     "format":"loftfs-dump",
-    "version":1,
+    "version":2,
     "volume":{...volume settings...},
+    "sources":{...the volume's import sources...},
     "root":{"inode":1,"type":"dir","attr":{...},"xattrs":[...]},
     "tree":[
     {"parent":1,"name":"a","inode":2,"type":"file","attr":{...}},
     {"chunk":2,"index":0,"slices":[[pos,id,size,off,len,kind],...]},
     {"parent":1,"name":"b","inode":2,"type":"file"},
+    {"parent":1,"name":"c","inode":3,"type":"file","attr":{...}},
+    {"ext":7,"source":1,"key":"photos/c.jpg","etag":"...","offset":0,"length":1234},
+    {"chunk":3,"index":0,"slices":[[0,7,1234,0,1234,1]]},
+    {"parent":1,"name":"d","inode":4,"type":"dir","attr":{...},"lazy":{"source":1,"prefix":"d/"}},
     ...
     ],
     "trash":[
@@ -26,7 +31,8 @@ line::
     ...
     ],
     "counters":{"next_inode":...,...},
-    "summary":{"inodes":...,"entries":...,"chunks":...,"slices":...,"bytes":...,"trash":...}
+    "summary":{"inodes":...,"entries":...,"chunks":...,"slices":...,"exts":...,"bytes":...,
+    "trash":...}
     }
 
 The tree is written depth first: a directory's entries in byte order of their names, then its
@@ -36,6 +42,24 @@ link to an inode already written carries only ``parent``, ``name``, ``inode`` an
 Byte strings (names, symlink targets, xattrs) are JSON strings when they are valid UTF-8 and
 ``{"b64": "..."}`` otherwise. The output is deterministic: dumping a volume loaded from a dump
 gives the same bytes.
+
+External slices (kind 1, imported data read in place) name an ``ExtObject``: its record
+(``ext``: the slice id; ``source``, ``key``, ``etag``, ``offset``, ``length``) is written once,
+on the line right before the first chunk record that uses the slice, in the tree or the trash;
+later chunk records of the same slice (copies, hard links) refer to it by id. ``sources`` is
+the volume's ``sources`` setting as stored (``null`` when it has none): ``loftfs.sources``
+keeps credentials in it sealed, under a key that only the volume's bucket holds.
+
+A directory still bound to a source prefix by a lazy import (not listed yet: ``rdev`` is
+``LAZY_MARK``) carries its binding, the setting ``lazy:<inode>``, as ``lazy`` in the record
+that defines it (the root's included): ``source`` (the source id) and ``prefix``. Mark and
+binding are read in one transaction and go together: ``load_meta`` refuses a directory that
+has one without the other. A mark whose binding is gone (the directory was listed while the
+dump read it) is written as no mark, and bindings of directories that are not marked, or no
+longer exist, are not written: nothing uses them.
+
+Version 1 (before external objects and lazy imports) has no ``sources`` member, no ``ext``
+records, no ``lazy`` bindings and no ``exts`` count; ``load_meta`` reads both versions.
 """
 
 from __future__ import annotations
@@ -59,10 +83,12 @@ from typing import Any, BinaryIO, TypeVar, cast
 from loftfs.errors import ConfigError, LoftError, NotFormatted, VolumeExists
 from loftfs.meta.core import MAX_FILE_SIZE, MetaCore, check_name, space_of
 from loftfs.meta.interface import Meta
+from loftfs.meta.ops_import import LAZY_MARK, lazy_setting
 from loftfs.meta.txn import (
     NEXT_INODE,
     NEXT_SESSION,
     NEXT_SLICE,
+    SETTING_SOURCES,
     SETTING_VOLUME,
     USED_INODES,
     USED_SPACE,
@@ -70,9 +96,11 @@ from loftfs.meta.txn import (
 )
 from loftfs.meta.types import (
     CHUNK_SIZE,
+    KIND_EXTERNAL,
     MAX_SYMLINK,
     ROOT_INODE,
     Attr,
+    ExtObject,
     FileType,
     Slice,
     VolumeSettings,
@@ -81,7 +109,9 @@ from loftfs.meta.types import (
 T = TypeVar("T")
 
 FORMAT_NAME = "loftfs-dump"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions ``load_meta`` reads (1: before external objects and import sources).
+READABLE_VERSIONS = (1, 2)
 
 #: Counters a dump carries, in document order.
 COUNTERS = (NEXT_INODE, NEXT_SLICE, NEXT_SESSION, USED_SPACE, USED_INODES)
@@ -95,8 +125,12 @@ SLICES_PER_TXN = 20_000  # load: ... unless their slice lists hold this many rec
 MAX_LINE = 64 << 20  # load: longest line accepted (a record is far smaller)
 PROGRESS_EVERY = 500  # records between two progress callbacks
 SPILL_AFTER = 200_000  # inodes an InodeSet keeps in memory before moving to a temporary file
+EXT_SPILL_AFTER = 20_000  # ... external object ids (as many as imported files: spilled sooner)
 
 _MAX_U32 = (1 << 32) - 1
+_MAX_I32 = (1 << 31) - 1  # largest source id every engine stores (SQL INTEGER)
+MAX_EXT_KEY = 1024  # bytes of an object key (the S3 limit)
+MAX_EXT_ETAG = 1024  # bytes of an ETag or version id
 _MAX_I64 = (1 << 63) - 1
 _MIN_I64 = -(1 << 63)
 _ATTR_FIELDS = ("mode", "uid", "gid", "nlink", "size", "rdev", "atime_ns", "mtime_ns", "ctime_ns")
@@ -123,15 +157,17 @@ class DumpStats:
     """What a dump holds: written by ``dump_meta``, read back by ``load_meta``.
 
     ``inodes`` counts every inode record (the root, the tree and the trash), ``bytes`` the
-    logical size of the regular files among them. ``doc_bytes`` is the size of the document
-    written or parsed so far; ``skipped`` counts directories the dump met twice (a volume
-    changing while it was dumped) and left out the second time.
+    logical size of the regular files among them, ``exts`` the external object records.
+    ``doc_bytes`` is the size of the document written or parsed so far; ``skipped`` counts
+    directories the dump met twice (a volume changing while it was dumped) and left out the
+    second time.
     """
 
     inodes: int = 0
     entries: int = 0
     chunks: int = 0
     slices: int = 0
+    exts: int = 0
     bytes: int = 0
     trash: int = 0
     doc_bytes: int = 0
@@ -143,6 +179,7 @@ class DumpStats:
             "entries": self.entries,
             "chunks": self.chunks,
             "slices": self.slices,
+            "exts": self.exts,
             "bytes": self.bytes,
             "trash": self.trash,
         }
@@ -164,8 +201,9 @@ def _core(meta: Meta) -> MetaCore:
 
 
 class InodeSet:
-    """A set of inode numbers with bounded memory: past ``memory_limit`` members it moves to a
-    temporary SQLite file (deleted by ``close``), so a volume of any size can be walked."""
+    """A set of inode numbers (or slice ids) with bounded memory: past ``memory_limit`` members
+    it moves to a temporary SQLite file (deleted by ``close``), so a volume of any size can be
+    walked."""
 
     def __init__(self, memory_limit: int = SPILL_AFTER) -> None:
         self._mem: set[int] = set()
@@ -284,12 +322,74 @@ class _Extra:
     target: bytes | None = None
     indexes: list[int] | None = None  # chunk indexes of a file, ascending
     chunks: list[tuple[int, list[Slice]]] | None = None  # the first of them, already read
+    exts: dict[int, ExtObject] | None = None  # records of the external slices of ``chunks``
+    lazy: tuple[int, str] | None = None  # (source, prefix) a directory is still bound to
+    attr: Attr | None = None  # attributes read again, replacing the listing's (``_read_lazy``)
+
+
+def _external_ids(chunks: list[tuple[int, list[Slice]]]) -> list[int]:
+    return sorted(
+        {s.id for _, slices in chunks for s in slices if s.kind == KIND_EXTERNAL and s.id}
+    )
+
+
+def _read_chunks(
+    tx: Txn, inode: int, indexes: list[int]
+) -> tuple[list[tuple[int, list[Slice]]], dict[int, ExtObject]]:
+    """The slice lists of chunks ``indexes`` of ``inode``, with the records of their external
+    slices (read in the same transaction, so that they belong together)."""
+    chunks = [(i, tx.get_chunk(inode, i)) for i in indexes]
+    ids = _external_ids(chunks)
+    return chunks, tx.get_ext(ids) if ids else {}
+
+
+def _binding(text: str, inode: int) -> tuple[int, str]:
+    """(source, prefix) of the stored lazy-import binding ``text`` of directory ``inode``."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if (
+        isinstance(doc, dict)
+        and set(doc) == {"source", "prefix"}
+        and type(doc["source"]) is int
+        and 0 <= doc["source"] <= _MAX_I32
+        and isinstance(doc["prefix"], str)
+    ):
+        prefix: str = doc["prefix"]
+        try:
+            size = len(prefix.encode("utf-8"))
+        except UnicodeEncodeError:
+            size = -1
+        if 0 <= size <= MAX_EXT_KEY:
+            return doc["source"], prefix
+    raise LoftError(
+        f"directory {inode} has an invalid lazy-import binding (setting "
+        f"{lazy_setting(inode)!r} = {text[:200]!r}): its metadata is damaged"
+    )
+
+
+def _read_lazy(tx: Txn, attr: Attr, extra: _Extra) -> None:
+    """The binding of a directory marked as bound to a source prefix (``LAZY_MARK``). When it
+    has none (listed since ``attr`` was read, which clears both), the directory is written as
+    it is now, unmarked."""
+    text = tx.get_setting(lazy_setting(attr.inode))
+    if text is not None:
+        extra.lazy = _binding(text, attr.inode)
+        return
+    fresh = tx.get_attr(attr.inode)
+    if fresh is None or fresh.type != FileType.DIR:
+        fresh = attr  # removed meanwhile: written from the listing, like any entry
+    extra.attr = fresh.copy()
+    extra.attr.rdev = 0
 
 
 def _read_extras(tx: Txn, attrs: list[Attr]) -> list[_Extra]:
-    """Xattrs, symlink targets and (up to ``CHUNKS_PER_TXN`` in all) slice lists of ``attrs``."""
+    """Xattrs, symlink targets, lazy-import bindings and (up to ``CHUNKS_PER_TXN`` in all)
+    slice lists of ``attrs``, with the records of their external slices."""
     budget = CHUNKS_PER_TXN
     out = []
+    external: list[int] = []
     for attr in attrs:
         inode = attr.inode
         names = sorted(tx.list_xattrs(inode))
@@ -301,13 +401,31 @@ def _read_extras(tx: Txn, attrs: list[Attr]) -> list[_Extra]:
         extra = _Extra(xattrs)
         if attr.type == FileType.SYMLINK:
             extra.target = tx.get_symlink(inode)
+        elif attr.type == FileType.DIR and attr.rdev == LAZY_MARK:
+            _read_lazy(tx, attr, extra)
         elif attr.type == FileType.FILE:
             extra.indexes = sorted(tx.chunk_indexes(inode))
             take = extra.indexes[: max(0, budget)]
             budget -= len(take)
             extra.chunks = [(i, tx.get_chunk(inode, i)) for i in take]
+            external += _external_ids(extra.chunks)
         out.append(extra)
+    if external:
+        found = tx.get_ext(external)  # one read for the whole batch
+        for extra in out:
+            if extra.chunks:
+                extra.exts = {i: found[i] for i in _external_ids(extra.chunks) if i in found}
     return out
+
+
+def _add_extra(rec: dict[str, Any], attr: Attr, extra: _Extra) -> None:
+    """The optional fields of a record that defines ``attr``."""
+    if extra.xattrs:
+        rec["xattrs"] = _xattr_rec(extra.xattrs)
+    if attr.type == FileType.SYMLINK:
+        rec["target"] = _enc_bytes(extra.target or b"")
+    if extra.lazy is not None:
+        rec["lazy"] = {"source": extra.lazy[0], "prefix": extra.lazy[1]}
 
 
 class _Dumper:
@@ -320,6 +438,7 @@ class _Dumper:
         self.progress = progress
         self._since_progress = 0
         self.space = 0  # used_space of the inodes written
+        self.exts_written = InodeSet(EXT_SPILL_AFTER)  # ids of the external records written
 
     def read(self, fn: Callable[[Txn], T]) -> T:
         return self.core._transaction(fn, False)
@@ -332,12 +451,10 @@ class _Dumper:
 
     def _node(self, rec: dict[str, Any], attr: Attr, extra: _Extra) -> None:
         """Complete and write a record that defines ``attr``, then its chunk records."""
+        attr = extra.attr or attr
         rec["type"] = _TYPE_NAMES[attr.type]
         rec["attr"] = _attr_rec(attr)
-        if extra.xattrs:
-            rec["xattrs"] = _xattr_rec(extra.xattrs)
-        if attr.type == FileType.SYMLINK:
-            rec["target"] = _enc_bytes(extra.target or b"")
+        _add_extra(rec, attr, extra)
         self.doc.element(rec)
         self.stats.inodes += 1
         self.space += space_of(attr.type, attr.size)
@@ -349,20 +466,49 @@ class _Dumper:
     def _chunks(self, inode: int, extra: _Extra) -> None:
         done = extra.chunks or []
         for index, slices in done:
-            self._chunk(inode, index, slices)
+            self._chunk(inode, index, slices, extra.exts or {})
         rest = (extra.indexes or [])[len(done) :]
         for start in range(0, len(rest), CHUNKS_PER_TXN):
             page = rest[start : start + CHUNKS_PER_TXN]
 
-            def fn(tx: Txn, page: list[int] = page) -> list[tuple[int, list[Slice]]]:
-                return [(i, tx.get_chunk(inode, i)) for i in page]
+            def fn(
+                tx: Txn, page: list[int] = page
+            ) -> tuple[list[tuple[int, list[Slice]]], dict[int, ExtObject]]:
+                return _read_chunks(tx, inode, page)
 
-            for index, slices in self.read(fn):
-                self._chunk(inode, index, slices)
+            chunks, exts = self.read(fn)
+            for index, slices in chunks:
+                self._chunk(inode, index, slices, exts)
 
-    def _chunk(self, inode: int, index: int, slices: list[Slice]) -> None:
+    def _chunk(
+        self, inode: int, index: int, slices: list[Slice], exts: dict[int, ExtObject]
+    ) -> None:
+        """Write a chunk record, preceded by the records of its external slices not written
+        yet."""
         if not slices:
             return  # removed between reading the indexes and the list (a live volume)
+        for sid in _external_ids([(index, slices)]):
+            if sid in self.exts_written:
+                continue
+            rec = exts.get(sid)
+            if rec is None:
+                raise LoftError(
+                    f"chunk {index} of inode {inode} holds external slice {sid}, which has no "
+                    "object record: the file changed during the dump, or the metadata is "
+                    "damaged"
+                )
+            self.doc.element(
+                {
+                    "ext": sid,
+                    "source": rec.source,
+                    "key": rec.key,
+                    "etag": rec.etag,
+                    "offset": rec.offset,
+                    "length": rec.length,
+                }
+            )
+            self.exts_written.add(sid)
+            self.stats.exts += 1
         self.doc.element(
             {
                 "chunk": inode,
@@ -374,16 +520,32 @@ class _Dumper:
         self.stats.slices += len(slices)
 
     def run(self) -> DumpStats:
-        def header(tx: Txn) -> tuple[str, Attr | None, list[_Extra]]:
+        try:
+            return self._run()
+        finally:
+            self.exts_written.close()
+
+    def _run(self) -> DumpStats:
+        def header(tx: Txn) -> tuple[str, str | None, Attr | None, list[_Extra]]:
             text = tx.get_setting(SETTING_VOLUME)
             if text is None:
                 raise NotFormatted("no volume is formatted at this metadata URL")
+            sources = tx.get_setting(SETTING_SOURCES)
             root = tx.get_attr(ROOT_INODE)
-            return text, root, [] if root is None else _read_extras(tx, [root])
+            return text, sources, root, [] if root is None else _read_extras(tx, [root])
 
-        volume_text, root, extras = self.read(header)
+        volume_text, sources_text, root, extras = self.read(header)
         if root is None or root.type != FileType.DIR:
             raise LoftError("the volume has no root directory: its metadata is damaged")
+        sources = None
+        if sources_text is not None:
+            try:
+                sources = json.loads(sources_text)
+            except ValueError as e:
+                raise LoftError(
+                    f"the volume's {SETTING_SOURCES!r} setting is not valid JSON ({e}): its "
+                    "metadata is damaged"
+                ) from None
         doc = self.doc
         doc.begin()
         doc.member("format", FORMAT_NAME)
@@ -394,9 +556,10 @@ class _Dumper:
             for name in SECRET_OPTIONS:
                 options.pop(name, None)
         doc.member("volume", volume, sort=True)
+        doc.member(SETTING_SOURCES, sources, sort=True)
+        root = extras[0].attr or root
         rec: dict[str, Any] = {"inode": ROOT_INODE, "type": "dir", "attr": _attr_rec(root)}
-        if extras[0].xattrs:
-            rec["xattrs"] = _xattr_rec(extras[0].xattrs)
+        _add_extra(rec, root, extras[0])
         doc.member("root", rec)
         self.stats.inodes += 1
         self.space += space_of(FileType.DIR, root.size)
@@ -528,7 +691,7 @@ def dump_meta(
     The object store's secret key (and session token) stored in the settings are left out
     unless ``keep_secrets``: a restored volume then takes its credentials from the environment
     at mount. The encryption record is kept: its data key is wrapped, useless without the
-    passphrase or key file.
+    passphrase or key file; so are the import sources' credentials, sealed.
     """
     dumper = _Dumper(_core(meta), out, progress)
     dumper.keep_secrets = keep_secrets
@@ -730,6 +893,41 @@ class _Fields:
             out.append(s)
         return out
 
+    def text(self, key: str, lo: int, hi: int) -> str:
+        """A string field of ``lo`` to ``hi`` bytes in UTF-8."""
+        value = self.rec.get(key)
+        if not isinstance(value, str):
+            raise self.error(f"{key!r} must be a string, not {value!r}")
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise self.error(f"{key!r} is not valid UTF-8") from None
+        if not lo <= size <= hi:
+            raise self.error(f"{key!r} must hold {lo} to {hi} bytes, not {size}")
+        return value
+
+    def ext(self) -> tuple[int, ExtObject]:
+        """An external object record: the slice id and the ``ExtObject``."""
+        self.check_keys(("ext", "source", "key", "etag", "offset", "length"))
+        sid = self.integer("ext", 1)
+        rec = ExtObject(
+            source=self.integer("source", 0, _MAX_I32),
+            key=self.text("key", 1, MAX_EXT_KEY),
+            etag=self.text("etag", 0, MAX_EXT_ETAG),
+            offset=self.integer("offset", 0),
+            length=self.integer("length", 0, CHUNK_SIZE),
+        )
+        return sid, rec
+
+    def lazy(self) -> tuple[int, str]:
+        """The lazy-import binding of a directory record: (source, prefix)."""
+        value = self.rec.get("lazy")
+        if not isinstance(value, dict):
+            raise self.error("'lazy' must be an object")
+        f = _Fields(self.lines, value, f"{self.what}: 'lazy'")
+        f.check_keys(("source", "prefix"))
+        return f.integer("source", 0, _MAX_I32), f.text("prefix", 0, MAX_EXT_KEY)
+
 
 # --- load ----------------------------------------------------------------------------------------
 
@@ -737,11 +935,14 @@ class _Fields:
 class _Loader:
     """Checks records as they are parsed and writes them in batched transactions."""
 
-    def __init__(self, core: MetaCore, lines: _Lines, progress: ProgressFn | None) -> None:
+    def __init__(
+        self, core: MetaCore, lines: _Lines, progress: ProgressFn | None, version: int
+    ) -> None:
         self.core = core
         self.lines = lines
         self.stats = lines.stats
         self.progress = progress
+        self.version = version
         self.ops: list[tuple[Any, ...]] = []
         self.refs: dict[int, list[int]] = {}  # slice id -> [size, references] of this batch
         self.batch_slices = 0
@@ -751,10 +952,13 @@ class _Loader:
         self.max_slice = 0
         self.space = 0
         self.file: tuple[int, int] | None = None  # (inode, last chunk index) taking chunks
+        self.exts = InodeSet(EXT_SPILL_AFTER)  # external object records used by a chunk so far
+        self.pending: dict[int, ExtObject] = {}  # ... read but not used yet
 
     def close(self) -> None:
         self.dirs.close()
         self.links.close()
+        self.exts.close()
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -790,6 +994,10 @@ class _Loader:
             self._op("symlink", inode, target)
         elif "target" in f.rec:
             raise f.error("only symlinks have a 'target'")
+        if ftype == FileType.DIR:
+            self._lazy(f, attr)
+        elif "lazy" in f.rec:
+            raise f.error("only directories have a 'lazy' binding")
         self.stats.inodes += 1
         self.space += space_of(ftype, attr.size)
         self.max_inode = max(self.max_inode, inode)
@@ -802,11 +1010,32 @@ class _Loader:
             self.file = (inode, -1)
         return attr
 
+    def _lazy(self, f: _Fields, attr: Attr) -> None:
+        """The binding of a directory bound by a lazy import: a directory has one exactly when
+        its ``rdev`` is ``LAZY_MARK`` (either without the other would leave it empty for
+        good, or bound to nothing)."""
+        if "lazy" not in f.rec:
+            if attr.rdev == LAZY_MARK:
+                raise f.error(
+                    f"a directory with rdev {LAZY_MARK} (bound by a lazy import) needs its "
+                    "'lazy' binding"
+                )
+            return
+        if self.version < 2:
+            raise f.error(f"'lazy' bindings need format version 2, not {self.version}")
+        source, prefix = f.lazy()
+        if attr.rdev != LAZY_MARK:
+            raise f.error(
+                f"a directory with a 'lazy' binding must have rdev {LAZY_MARK}, not {attr.rdev}"
+            )
+        value = json.dumps({"source": source, "prefix": prefix})  # as ``Meta.bind_lazy``
+        self._op("setting", lazy_setting(attr.inode), value)
+
     def root(self, rec: Any) -> None:
         if not isinstance(rec, dict):
             raise self.lines.error('"root" must be an object')
         f = _Fields(self.lines, rec, "root")
-        f.check_keys(("inode", "type", "attr"), ("xattrs",))
+        f.check_keys(("inode", "type", "attr"), ("xattrs", "lazy"))
         if f.integer("inode", ROOT_INODE, ROOT_INODE) != ROOT_INODE or f.ftype() != FileType.DIR:
             raise f.error("the root must be directory inode 1")
         self.node(f, ROOT_INODE, FileType.DIR)
@@ -815,11 +1044,15 @@ class _Loader:
         if "chunk" in rec:
             self.chunk(_Fields(self.lines, rec, "chunk record"))
             return
+        if "ext" in rec:
+            self.ext(_Fields(self.lines, rec, "external object record"))
+            return
+        self.no_pending()
         f = _Fields(self.lines, rec, "entry record")
         if "attr" not in rec:
             f.check_keys(("parent", "name", "inode", "type"))
         else:
-            f.check_keys(("parent", "name", "inode", "type", "attr"), ("xattrs", "target"))
+            f.check_keys(("parent", "name", "inode", "type", "attr"), ("xattrs", "target", "lazy"))
         parent = f.integer("parent", ROOT_INODE)
         name = f.blob(rec["name"], "'name'")
         try:
@@ -847,6 +1080,10 @@ class _Loader:
         if "chunk" in rec:
             self.chunk(_Fields(self.lines, rec, "chunk record"))
             return
+        if "ext" in rec:
+            self.ext(_Fields(self.lines, rec, "external object record"))
+            return
+        self.no_pending()
         f = _Fields(self.lines, rec, "trash record")
         f.check_keys(("trash", "deleted_ns", "type", "attr"), ("xattrs",))
         inode = f.integer("trash", ROOT_INODE + 1)
@@ -869,6 +1106,8 @@ class _Loader:
             raise f.error(f"chunk {index} of inode {inode} is out of order")
         self.file = (inode, index)
         slices = f.slices()
+        if self.version >= 2:
+            self._check_external(f, slices)
         self._op("chunk", inode, index, slices)
         for s in slices:
             if s.id:
@@ -880,11 +1119,55 @@ class _Loader:
         self.batch_slices += len(slices)
         self._maybe_flush()
 
+    def ext(self, f: _Fields) -> None:
+        """An external object record: it must come right before the chunk record that uses
+        it first (``_check_external``)."""
+        if self.version < 2:
+            raise f.error(f"external object records need format version 2, not {self.version}")
+        sid, rec = f.ext()
+        if sid in self.pending or sid in self.exts:
+            raise f.error(f"external object {sid} is defined twice")
+        if self.file is None:
+            raise f.error("an external object must come right before the chunk that uses it")
+        self.pending[sid] = rec
+        self._op("ext", sid, rec)
+        self.max_slice = max(self.max_slice, sid)
+        self.stats.exts += 1
+
+    def _check_external(self, f: _Fields, slices: list[Slice]) -> None:
+        """Every external slice names a record read before it: the records read right before
+        this chunk record are used by it, with the stored slice's size their length."""
+        for s in slices:
+            if s.kind != KIND_EXTERNAL or not s.id:
+                continue
+            rec = self.pending.pop(s.id, None)
+            if rec is not None:
+                if s.size != rec.length:
+                    raise f.error(
+                        f"external slice {s.id} has size {s.size}, its object record "
+                        f"length {rec.length}"
+                    )
+                self.exts.add(s.id)
+            elif s.id not in self.exts:
+                raise f.error(f"external slice {s.id} has no object record before it")
+        self.no_pending()
+
+    def no_pending(self) -> None:
+        """Refuse an external object record that the chunk record after it did not use."""
+        if self.pending:
+            sid = min(self.pending)
+            raise self.lines.error(
+                f"external object {sid} must come right before the chunk record that uses it"
+            )
+
     def check_summary(self, summary: Any) -> None:
-        """The counts of the ``summary`` line must be those of the records read."""
+        """The counts of the ``summary`` line must be those of the records read (version 1
+        has no ``exts``)."""
         if not isinstance(summary, dict):
             raise self.lines.error('"summary" must be an object')
         got = self.stats.summary()
+        if self.version < 2:
+            del got["exts"]
         unknown = sorted(set(summary) - set(got))
         if unknown:
             raise self.lines.error(f"unknown summary field {unknown[0]!r}")
@@ -895,7 +1178,7 @@ class _Loader:
                     "(records lost or added?)"
                 )
 
-    def finish(self, counters: dict[str, int], volume_text: str) -> None:
+    def finish(self, counters: dict[str, int], volume_text: str, sources_text: str | None) -> None:
         """Write the last batch, then set the counters and store the settings in one
         transaction."""
         self.flush()
@@ -912,6 +1195,8 @@ class _Loader:
             for name, value in targets.items():
                 if value != current[name]:
                     tx.add_counter(name, value - current[name])
+            if sources_text is not None:
+                tx.put_setting(SETTING_SOURCES, sources_text)
             tx.put_setting(SETTING_VOLUME, volume_text)
 
         self.core._transaction(fn, True)
@@ -932,14 +1217,28 @@ def _apply(tx: Txn, ops: list[tuple[Any, ...]], refs: dict[int, tuple[int, int]]
             tx.put_symlink(op[1], op[2])
         elif kind == "trash":
             tx.put_trash(op[1], op[2])
+        elif kind == "ext":
+            tx.put_ext(op[1], op[2])
+        elif kind == "setting":
+            tx.put_setting(op[1], op[2])
         else:  # pragma: no cover - the loader only queues the kinds above
             raise AssertionError(kind)
     if refs:
         tx.add_slice_refs(refs)
 
 
-def _read_header(lines: _Lines) -> tuple[str, Any]:
-    """Check the opening lines; returns the settings as stored JSON and the root record."""
+@dataclass
+class _Header:
+    """What the opening lines hold."""
+
+    version: int
+    volume_text: str  # the settings as stored JSON
+    sources_text: str | None  # the import sources as stored JSON (None: none)
+    root: Any  # the root record, checked by ``_Loader.root``
+
+
+def _read_header(lines: _Lines) -> _Header:
+    """Check the opening lines up to the root record."""
     first = lines.next("the start of the document")
     if first != b"{":
         raise lines.error("not a loftfs dump (it does not start with '{' on a line of its own)")
@@ -952,9 +1251,10 @@ def _read_header(lines: _Lines) -> tuple[str, Any]:
     if name != FORMAT_NAME:
         raise lines.error(f'not a loftfs dump (line 2 is not "format":"{FORMAT_NAME}",)')
     version = lines.member("version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        readable = ", ".join(str(v) for v in READABLE_VERSIONS)
         raise lines.error(
-            f"dump format version {version!r} is not supported (this loft reads {FORMAT_VERSION})"
+            f"dump format version {version!r} is not supported (this loft reads {readable})"
         )
     volume = lines.member("volume")
     if not isinstance(volume, dict):
@@ -966,7 +1266,12 @@ def _read_header(lines: _Lines) -> tuple[str, Any]:
         VolumeSettings.from_json(json.dumps(volume))
     except (TypeError, ValueError) as e:
         raise lines.error(f'"volume" holds invalid settings ({e})') from None
-    return json.dumps(volume, sort_keys=True), lines.member("root")
+    sources_text = None
+    if version >= 2:
+        sources = lines.member(SETTING_SOURCES)
+        if sources is not None:
+            sources_text = json.dumps(sources, sort_keys=True)
+    return _Header(version, json.dumps(volume, sort_keys=True), sources_text, lines.member("root"))
 
 
 def _read_counters(lines: _Lines) -> dict[str, int]:
@@ -1031,25 +1336,27 @@ def load_meta(
     stats = DumpStats()
     lines = _Lines(_open_input(inp), stats)
     try:
-        volume_text, root = _read_header(lines)
+        header = _read_header(lines)
     except _INPUT_ERRORS as e:
         raise DumpFormatError(lines.no + 1, f"unreadable input ({e})") from e
-    interim = VolumeSettings.from_json(volume_text)
+    interim = VolumeSettings.from_json(header.volume_text)
     interim.extra = {**interim.extra, LOAD_MARKER: {"started_ns": time.time_ns()}}
     meta.init_volume(interim)
-    loader = _Loader(core, lines, progress)
+    loader = _Loader(core, lines, progress, header.version)
     try:
-        loader.root(root)
+        loader.root(header.root)
         for rec in lines.array("tree"):
             loader.tree_record(rec)
+        loader.no_pending()
         for rec in lines.array("trash"):
             loader.trash_record(rec)
+        loader.no_pending()
         counters = _read_counters(lines)
         loader.check_summary(lines.member("summary", last=True))
         if lines.next("the closing '}'") != b"}":
             raise lines.error("expected the closing '}'")
         lines.expect_end()
-        loader.finish(counters, volume_text)
+        loader.finish(counters, header.volume_text, header.sources_text)
     except BaseException as e:
         failure: BaseException = e
         if isinstance(e, _INPUT_ERRORS):
@@ -1074,6 +1381,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "LOAD_MARKER",
+    "READABLE_VERSIONS",
     "DumpFormatError",
     "DumpStats",
     "InodeSet",

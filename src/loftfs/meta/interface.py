@@ -10,12 +10,17 @@ shared layer, so every engine behaves the same; see ``loftfs.meta.perm``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 
 from loftfs.meta.types import (
     Attr,
+    BatchResult,
     Ctx,
     DirEntry,
+    ExtObject,
     FileType,
+    ImportItem,
+    ImportOwner,
     SessionInfo,
     Slice,
     StatFS,
@@ -222,7 +227,53 @@ class Meta(ABC):
 
     @abstractmethod
     def forget_deleted_slices(self, ids: list[int]) -> None:
-        """Drop the records of slices whose blocks were deleted from the object store."""
+        """Drop the records of slices whose blocks were deleted from the object store (ids
+        from ``deleted_slices``): their reference rows and, for external slices, their
+        ``ExtObject`` records, in one transaction."""
+
+    @abstractmethod
+    def get_ext(self, ids: Sequence[int]) -> dict[int, ExtObject]:
+        """The ``ExtObject`` records of the external slices ``ids`` (missing ids are left
+        out)."""
+
+    @abstractmethod
+    def count_ext(self, source: int) -> int:
+        """How many external object records point at source ``source`` (0: nothing of the
+        volume reads from it any more). May take time proportional to the volume's records."""
+
+    # --- settings and imports (loftfs.meta.ops_import) ------------------------------------------
+
+    @abstractmethod
+    def get_setting(self, name: str) -> str | None:
+        """A volume-wide setting by name (import sources, checkpoints); None when unset."""
+
+    @abstractmethod
+    def set_setting(self, name: str, value: str) -> None: ...
+
+    @abstractmethod
+    def import_batch(
+        self,
+        dest: int,
+        items: Sequence[ImportItem],
+        *,
+        source: int,
+        owner: ImportOwner,
+        dir_cache: Mapping[tuple[bytes, ...], int],
+        overwrite: bool = False,
+        checkpoint: tuple[str, str] | None = None,
+        lazy_dirs: Sequence[tuple[bytes, str]] = (),
+        finish_lazy: bool = False,
+    ) -> BatchResult:
+        """Files for imported objects (external slices) under ``dest``, in one transaction
+        with ``checkpoint``; see ``loftfs.meta.ops_import``."""
+
+    @abstractmethod
+    def bind_lazy(self, inode: int, source: int, prefix: str) -> None:
+        """Bind a directory to a source prefix, listed on first use (lazy import)."""
+
+    @abstractmethod
+    def lazy_binding(self, inode: int) -> tuple[int, str] | None:
+        """(source, prefix) of a directory not listed yet; None otherwise."""
 
     @abstractmethod
     def cleanup_trash(self) -> int:

@@ -4,6 +4,7 @@ compaction, the trash, and space accounting."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 
 from loftfs.chunk.layout import chunk_ranges, overlay
 from loftfs.errors import FSError
@@ -26,6 +27,7 @@ from loftfs.meta.types import (
     W_OK,
     Attr,
     Ctx,
+    ExtObject,
     FileType,
     Slice,
     StatFS,
@@ -241,10 +243,29 @@ class DataOps(MetaCore):
         return self._read(lambda tx: tx.deleted_slices(limit))
 
     def forget_deleted_slices(self, ids: list[int]) -> None:
+        """The ext records go with the reference rows: an external slice's record is needed
+        exactly as long as a chunk may name the slice (native slices have none, and deleting
+        a missing record is no error)."""
         if not ids:
             return
         ids = list(ids)
-        self._transaction(lambda tx: tx.forget_slices(ids), True)
+
+        def fn(tx: Txn) -> None:
+            tx.forget_slices(ids)
+            tx.del_ext(ids)
+
+        self._transaction(fn, True)
+
+    # --- external objects ---------------------------------------------------------------------
+
+    def get_ext(self, ids: Sequence[int]) -> dict[int, ExtObject]:
+        if not ids:
+            return {}
+        wanted = list(ids)
+        return self._read(lambda tx: tx.get_ext(wanted))
+
+    def count_ext(self, source: int) -> int:
+        return self._read(lambda tx: tx.count_ext(source))
 
     # --- trash --------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from loftfs.meta.core import (
     space_of,
     time_arg,
 )
-from loftfs.meta.txn import Txn
+from loftfs.meta.txn import LAZY_MARK, Txn, lazy_setting
 from loftfs.meta.types import (
     MAX_NAME,
     MAX_SYMLINK,
@@ -279,6 +279,8 @@ class NamespaceOps(MetaCore):
                 raise FSError(errno.ENOTDIR)
             if tx.has_entries(attr.inode):
                 raise FSError(errno.ENOTEMPTY)
+            if attr.rdev == LAZY_MARK:
+                tx.del_setting(lazy_setting(attr.inode))  # bound to a source prefix, unlisted
             now = now_ns()
             tx.del_entry(parent, name)
             pnew = pattr.copy()
@@ -422,7 +424,7 @@ class NamespaceOps(MetaCore):
         def fn(tx: Txn) -> list[DirEntry]:
             attr = self._get_dir(tx, inode)
             perm.check(ctx, attr, R_OK)
-            return [DirEntry(name, a) for name, a in tx.list_dir(inode)]
+            return list(map(DirEntry._make, tx.list_dir(inode)))
 
         return self._read(fn)
 

@@ -416,6 +416,14 @@ class _Cursor:
         self._cur.execute(query, args or None)  # type: ignore[arg-type]
         return self
 
+    def executemany(self, query: str, rows: list[tuple[Any, ...]]) -> _Cursor:
+        if self._left == 0:
+            raise _NeedTxn
+        self._left -= 1
+        self._touch(self._token)
+        self._cur.executemany(query, rows)  # type: ignore[arg-type]
+        return self
+
     def fetchone(self) -> Any:
         self._touch(self._token)
         return self._cur.fetchone()
@@ -682,6 +690,9 @@ class PostgresMeta(SQLMeta):
                         f"the metadata database {self.cfg.where} stays busy: {text}"
                     ) from e
                 if state in _MISSING:
+                    if self._later_table_missing(e):
+                        self._add_later_tables()
+                        continue
                     if self._schema_denied():
                         raise MetaUnavailable(
                             f"permission denied for schema {self.cfg.schema} on "

@@ -18,6 +18,8 @@ key                 type     content
 ``P:ckN``           set      indexes of the chunks of N that hold a slice list
 ``P:refs``          hash     slice id -> reference count (``HINCRBY``)
 ``P:dead``          zset     slices whose count is <= 0: member ``<id>:<size>``, score id
+``P:ext``           hash     external objects: slice id -> ``EXT_RECORD`` (source, offset,
+                             length, key length), then the key and the ETag (UTF-8)
 ``P:xN``            hash     extended attributes: name -> value
 ``P:ofN``           set      sessions that hold N open
 ``P:osS``           set      inodes that session S holds open
@@ -50,21 +52,24 @@ from typing import Any, Protocol
 from redis.exceptions import ResponseError
 
 from loftfs.errors import MetaUnavailable, NotFormatted
-from loftfs.meta.txn import SETTING_VOLUME, FlockRec, PlockRange, SessionRec
-from loftfs.meta.types import ROOT_INODE, Attr, FileType, Slice
+from loftfs.meta.txn import SETTING_VOLUME, FlockRec, NewFile, PlockRange, SessionRec
+from loftfs.meta.types import ROOT_INODE, Attr, ExtObject, FileType, Slice
 
 # version, type, mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, parent
 ATTR_RECORD = struct.Struct(">BBHIIIQQqqqQ")
 ATTR_VERSION = 1
-_LISTING_HEAD = struct.Struct(">BB" + ATTR_RECORD.format[1:])  # see LUA_LIST_DIR
 # pos, id, size, off, len, kind (the SQL engine's record, see loftfs.meta.sql)
 SLICE_RECORD = struct.Struct(">IQIIIB")
 # type, start, end (inclusive), pid
 PLOCK_RECORD = struct.Struct(">BQQI")
+# version, source, offset, length, key length (bytes); the key and the ETag follow
+EXT_RECORD = struct.Struct(">BIQQH")
+EXT_VERSION = 1
 
 MGET_BATCH = 1000  # keys per MGET when listing a directory
 LIST_DIR_SCRIPT_MAX = 20_000  # larger directories are listed without a script (no long block)
 CHUNK_BATCH = 256  # chunks read in one round trip
+EXT_BATCH = 1000  # external object records per HMGET/HDEL/HSCAN step
 
 Command = tuple[Any, ...]
 
@@ -138,38 +143,45 @@ end
 return 0
 """
 
-# Read-only (not inside MULTI): a directory's entries with their attributes as strings of
-# records <name length u8><entry length u8><attributes><entry value><name>, about 100 records
-# a string: a few bulk replies parse far faster than thousands, and Lua 5.1 joins short lists
-# far faster than long ones. Attributes are fetched with MGET, 500 keys a call. nil when the
-# directory has more than ARGV[2] entries. KEYS: P:dN. ARGV: head of attribute keys (P:i), limit.
+# Read-only (not inside MULTI): a directory's entries with their attributes, as groups of
+# three strings for about 200 entries each: their attribute records (fixed size, back to back),
+# their names joined by "/" and their inode numbers (decimal) joined by "/" ("/" is the one byte
+# besides NUL a name cannot hold). A few bulk replies parse far faster than thousands, and Lua 5.1
+# joins short lists far faster than long ones. Attributes are fetched with MGET, 500 keys a call.
+# nil when the directory has more than ARGV[2] entries. KEYS: P:dN. ARGV: head of attribute keys
+# (P:i), limit.
 LUA_LIST_DIR = """
 if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[2]) then return false end
 local kv = redis.call('HGETALL', KEYS[1])
-local groups, pieces, n = {}, {}, 0
+local out, attrs, names, inodes, n = {}, {}, {}, {}, 0
+local function flush()
+  out[#out + 1] = table.concat(attrs, '', 1, n)
+  out[#out + 1] = table.concat(names, '/', 1, n)
+  out[#out + 1] = table.concat(inodes, '/', 1, n)
+  n = 0
+end
 for first = 1, #kv, 1000 do
   local last = math.min(first + 998, #kv - 1)
-  local keys = {}
-  for i = first, last, 2 do keys[#keys + 1] = ARGV[1] .. string.sub(kv[i + 1], 2) end
-  local attrs = redis.call('MGET', unpack(keys))
+  local keys, ids = {}, {}
+  for i = first, last, 2 do
+    local id = string.sub(kv[i + 1], 2)
+    ids[#ids + 1] = id
+    keys[#keys + 1] = ARGV[1] .. id
+  end
+  local got = redis.call('MGET', unpack(keys))
   for j = 1, #keys do
-    local a = attrs[j]
+    local a = got[j]
     if a then
-      local name, v = kv[first + 2 * j - 2], kv[first + 2 * j - 1]
-      pieces[n + 1] = string.char(#name, #v)
-      pieces[n + 2] = a
-      pieces[n + 3] = v
-      pieces[n + 4] = name
-      n = n + 4
-      if n == 400 then
-        groups[#groups + 1] = table.concat(pieces, '', 1, n)
-        n = 0
-      end
+      n = n + 1
+      attrs[n] = a
+      names[n] = kv[first + 2 * j - 2]
+      inodes[n] = ids[j]
+      if n == 200 then flush() end
     end
   end
 end
-if n > 0 then groups[#groups + 1] = table.concat(pieces, '', 1, n) end
-return groups
+if n > 0 then flush() end
+return out
 """
 
 # Read-only speculation (not inside MULTI): an entry and the attributes of its inode in one
@@ -200,6 +212,7 @@ class Keys:
 
     __slots__ = (
         "dead",
+        "ext",
         "head",
         "refs",
         "sessinfo",
@@ -215,6 +228,7 @@ class Keys:
         self.setting = h + "setting"
         self.refs = h + "refs"
         self.dead = h + "dead"
+        self.ext = h + "ext"
         self.sessions = h + "sessions"
         self.sessinfo = h + "sessinfo"
         self.trash = h + "trash"
@@ -324,6 +338,23 @@ def unpack_plocks(data: bytes) -> list[PlockRange]:
     return [PlockRange(*rec) for rec in PLOCK_RECORD.iter_unpack(data)]
 
 
+def pack_ext(rec: ExtObject) -> bytes:
+    key = rec.key.encode("utf-8")
+    head = EXT_RECORD.pack(EXT_VERSION, rec.source, rec.offset, rec.length, len(key))
+    return head + key + rec.etag.encode("utf-8")
+
+
+def unpack_ext(id: int, data: bytes) -> ExtObject:
+    if len(data) < EXT_RECORD.size or data[0] != EXT_VERSION:
+        raise MetaUnavailable(f"external object {id}: record of an unknown format")
+    _, source, offset, length, key_len = EXT_RECORD.unpack_from(data)
+    end = EXT_RECORD.size + key_len
+    if len(data) < end:
+        raise MetaUnavailable(f"external object {id}: record cut short")
+    key = bytes(data[EXT_RECORD.size : end]).decode("utf-8")
+    return ExtObject(source, key, bytes(data[end:]).decode("utf-8"), offset, length)
+
+
 def _owner_field(sid: int, owner: int) -> bytes:
     return b"%d:%d" % (sid, owner)
 
@@ -416,8 +447,33 @@ class RedisTxn:
         v = self._read1([self.k.setting], ("HGET", self.k.setting, name))
         return None if v is None else bytes(v).decode()
 
+    def put_new_files(self, files: Sequence[NewFile]) -> None:
+        for f in files:
+            self.put_attr(f.attr)
+            self.put_entry(f.parent, f.name, f.attr.inode, f.attr.type)
+            for index, s, rec in f.chunks:
+                self.put_chunk(f.attr.inode, index, [s])
+                self.put_ext(s.id, rec)
+
     def put_setting(self, name: str, value: str) -> None:
         self._queue(("HSET", self.k.setting, name, value))
+
+    def del_setting(self, name: str) -> None:
+        self._queue(("HDEL", self.k.setting, name))
+
+    def settings_with_prefix(self, prefix: str) -> dict[str, str]:
+        key = self.k.setting
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+        out: dict[str, str] = {}
+        cursor: Any = 0
+        while True:
+            cursor, flat = self._read1(
+                [key], ("HSCAN", key, cursor, "MATCH", pattern, "COUNT", EXT_BATCH)
+            )
+            for name, value in _pairs(flat):
+                out[bytes(name).decode()] = bytes(value).decode()
+            if int(cursor) == 0:
+                return dict(sorted(out.items()))
 
     def has_volume(self) -> bool:
         """Whether the volume is formatted (its settings exist)."""
@@ -495,7 +551,7 @@ class RedisTxn:
                 LUA_LIST_DIR, [dkey], [self.k.head + "i", LIST_DIR_SCRIPT_MAX]
             )
             if reply is not None:
-                return _parse_listing(b"".join(reply))
+                return _parse_listing(reply)
         raw = self._read1([dkey], ("HGETALL", dkey))
         entries = sorted(_pairs(raw))
         if not entries:
@@ -590,6 +646,54 @@ class RedisTxn:
         for i in range(0, len(ids), 1000):
             part = ids[i : i + 1000]
             self._queue(("EVAL", LUA_FORGET_SLICES, 2, self.k.refs, self.k.dead, *part))
+
+    # --- external objects ---------------------------------------------------------------------
+
+    def put_ext(self, id: int, rec: ExtObject) -> None:
+        self._queue(("HSET", self.k.ext, id, pack_ext(rec)))
+
+    def get_ext(self, ids: Sequence[int]) -> dict[int, ExtObject]:
+        """Not watched, even in a write transaction: the hash is one key for the whole volume,
+        so a watch would fail on every record any client adds or removes (every import batch,
+        every gc pass). It need not hold: records never change, and one is removed only once
+        no chunk names its slice, so the chunk read (watched) that led to an id already fails
+        the transaction if the slice loses its last reference meanwhile."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        key = self.k.ext
+        cmds = [
+            ("HMGET", key, *wanted[i : i + EXT_BATCH]) for i in range(0, len(wanted), EXT_BATCH)
+        ]
+        values: list[Any] = []
+        for part in _checked(self._link.call(cmds)):
+            values.extend(part)
+        return {
+            id: unpack_ext(id, data)
+            for id, data in zip(wanted, values, strict=True)
+            if data is not None
+        }
+
+    def del_ext(self, ids: Sequence[int]) -> None:
+        wanted = sorted(set(ids))
+        for i in range(0, len(wanted), EXT_BATCH):
+            self._queue(("HDEL", self.k.ext, *wanted[i : i + EXT_BATCH]))
+
+    def count_ext(self, source: int) -> int:
+        """A walk of the whole hash (``HSCAN``, a step per round trip): an administrative
+        question, answered in time proportional to the volume's external objects. A hash that
+        Redis resizes during the walk may show a record twice (``SCAN``'s guarantee is "at
+        least once"), which can only raise the count: zero is exact."""
+        key = self.k.ext
+        count = 0
+        cursor: Any = 0
+        while True:
+            cursor, flat = self._read1([key], ("HSCAN", key, cursor, "COUNT", EXT_BATCH))
+            for id, data in _pairs(flat):
+                if unpack_ext(int(id), data).source == source:
+                    count += 1
+            if int(cursor) == 0:
+                return count
 
     # --- extended attributes ------------------------------------------------------------------
 
@@ -743,26 +847,30 @@ class RedisTxn:
         return int(self._read1([self.k.trash], ("ZCARD", self.k.trash)))
 
 
-def _parse_listing(data: bytes) -> list[tuple[bytes, Attr]]:
-    """Parse what ``LUA_LIST_DIR`` returns (its strings joined), sorted by name. Written for
-    speed: this runs once per entry of every listing."""
+def _parse_listing(groups: list[bytes]) -> list[tuple[bytes, Attr]]:
+    """Parse what ``LUA_LIST_DIR`` returns, sorted by name. Written for speed: this runs once
+    per entry of every listing."""
+    if not groups:
+        return []
+    records = b"".join(groups[0::3])
+    names = b"/".join(groups[1::3]).split(b"/")
+    inodes = b"/".join(groups[2::3]).split(b"/")
+    if len(records) != len(names) * ATTR_RECORD.size or len(inodes) != len(names):
+        raise MetaUnavailable("directory listing of an unknown format")
+    types = _TYPES
     out: list[tuple[bytes, Attr]] = []
     append = out.append
-    unpack_from = _LISTING_HEAD.unpack_from
-    head = _LISTING_HEAD.size
-    types = _TYPES
-    pos, end = 0, len(data)
-    while pos < end:
-        f = unpack_from(data, pos)  # name length, entry length, then the attribute record
-        e = pos + head + f[1]
-        inode = int(data[pos + head + 1 : e])
-        if f[2] != ATTR_VERSION or f[3] not in types:
+    listed = zip(names, map(int, inodes), ATTR_RECORD.iter_unpack(records), strict=True)
+    for name, inode, f in listed:
+        if f[0] != ATTR_VERSION or f[1] not in types:
             raise MetaUnavailable(f"inode {inode}: attribute record of an unknown format")
-        attr = Attr(inode, types[f[3]], *f[4:])
-        append((data[e : e + f[0]], attr))
-        pos = e + f[0]
-    out.sort(key=lambda entry: entry[0])
+        append((name, Attr(inode, types[f[1]], *f[2:])))
+    out.sort(key=_first)
     return out
+
+
+def _first(entry: tuple[bytes, Attr]) -> bytes:
+    return entry[0]
 
 
 def _pairs(flat: list[Any]) -> list[tuple[Any, Any]]:

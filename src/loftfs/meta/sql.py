@@ -15,6 +15,12 @@ SQLite needs none (one writer at a time).
 Attributes are stored in columns of ``loft_node`` so that other tools can inspect them. A
 chunk's slice list is one BLOB in ``loft_chunk.slices``: records of ``SLICE_RECORD.size`` bytes,
 big-endian ``pos u32, id u64, size u32, off u32, len u32, kind u8``, oldest first.
+
+External objects (``loft_ext``, one row per ``ExtObject``) name the source object by
+``obj_key`` (the key's UTF-8 bytes, compared as bytes whatever the database's collation) and
+the range by ``obj_offset``/``obj_length``: ``key`` and ``offset`` are reserved words in some
+dialects. Tables added after the first release (``LATER_TABLES``) are created in a volume
+formatted before, the first time a statement finds one missing (``_add_later_tables``).
 """
 
 from __future__ import annotations
@@ -25,16 +31,18 @@ import re
 import struct
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from loftfs.errors import MetaUnavailable, NotFormatted
 from loftfs.meta.base import BaseMeta
-from loftfs.meta.txn import FlockRec, PlockRange, SessionRec, Txn
-from loftfs.meta.types import Attr, FileType, Slice
+from loftfs.meta.txn import SETTING_VOLUME, FlockRec, NewFile, PlockRange, SessionRec, Txn
+from loftfs.meta.types import Attr, ExtObject, FileType, Slice
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+_NOT_FORMATTED = "no volume is formatted at this metadata URL (run `loft format`)"
 
 SLICE_RECORD = struct.Struct(">IQIIIB")
 TABLES = (
@@ -51,7 +59,11 @@ TABLES = (
     "loft_flock",
     "loft_plock",
     "loft_trash",
+    "loft_ext",
 )
+#: tables a volume formatted by an earlier release may lack (see ``SQLMeta._add_later_tables``)
+LATER_TABLES = ("loft_ext",)
+IN_BATCH = 500  # ids per ``IN (...)`` list
 
 # {int}: 64-bit integer type, {blob}: byte string type, {norowid}: clustered-key table suffix
 SCHEMA = """
@@ -95,6 +107,10 @@ CREATE INDEX IF NOT EXISTS loft_plock_sid ON loft_plock (sid)
 CREATE TABLE IF NOT EXISTS loft_trash (
     inode {int} PRIMARY KEY, deleted_ns {int} NOT NULL)
 CREATE INDEX IF NOT EXISTS loft_trash_time ON loft_trash (deleted_ns)
+CREATE TABLE IF NOT EXISTS loft_ext (
+    id {int} PRIMARY KEY, source INTEGER NOT NULL, obj_key {blob} NOT NULL, etag TEXT NOT NULL,
+    obj_offset {int} NOT NULL, obj_length {int} NOT NULL)
+CREATE INDEX IF NOT EXISTS loft_ext_source ON loft_ext (source)
 """
 
 _NODE_COLS = "inode, type, mode, uid, gid, nlink, size, rdev, atime_ns, mtime_ns, ctime_ns, parent"
@@ -179,6 +195,10 @@ class SQLTxn:
         self.cur.execute(self.d.sql(query), args)
         return self.cur
 
+    def _xmany(self, query: str, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            self.cur.executemany(self.d.sql(query), rows)
+
     def _one(self, query: str, args: tuple[Any, ...] = ()) -> Any:
         return self._x(query, args).fetchone()
 
@@ -196,6 +216,18 @@ class SQLTxn:
             "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
             (name, value),
         )
+
+    def del_setting(self, name: str) -> None:
+        self._x("DELETE FROM loft_setting WHERE name = ?", (name,))
+
+    def settings_with_prefix(self, prefix: str) -> dict[str, str]:
+        # substr, not LIKE or a range: no pattern characters to escape, and no dependence on
+        # the database's collation (an administrative read: a scan of the table is fine)
+        rows = self._all(
+            "SELECT name, value FROM loft_setting WHERE substr(name, 1, ?) = ?",
+            (len(prefix), prefix),
+        )
+        return dict(sorted((str(n), str(v)) for n, v in rows))
 
     def get_counter(self, name: str) -> int:
         row = self._one("SELECT value FROM loft_counter WHERE name = ?", (name,))
@@ -361,10 +393,79 @@ class SQLTxn:
         return [(int(r[0]), int(r[1])) for r in rows]
 
     def forget_slices(self, ids: list[int]) -> None:
-        for i in range(0, len(ids), 500):
-            part = ids[i : i + 500]
+        for i in range(0, len(ids), IN_BATCH):
+            part = ids[i : i + IN_BATCH]
             marks = ", ".join("?" * len(part))
             self._x(f"DELETE FROM loft_slice_ref WHERE refs <= 0 AND id IN ({marks})", tuple(part))
+
+    # --- external objects ---------------------------------------------------------------------
+    def put_new_files(self, files: Sequence[NewFile]) -> None:
+        """Four batched INSERTs for the whole list (one statement per table)."""
+        self._xmany(
+            f"INSERT INTO loft_node ({_NODE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    a.inode, int(a.type), a.mode, a.uid, a.gid, a.nlink, a.size, a.rdev,
+                    a.atime_ns, a.mtime_ns, a.ctime_ns, a.parent,
+                )
+                for a in (f.attr for f in files)
+            ],
+        )  # fmt: skip
+        self._xmany(
+            "INSERT INTO loft_edge (parent, name, inode, type) VALUES (?, ?, ?, ?)",
+            [(f.parent, f.name, f.attr.inode, int(f.attr.type)) for f in files],
+        )
+        self._xmany(
+            "INSERT INTO loft_chunk (inode, idx, slices) VALUES (?, ?, ?)",
+            [(f.attr.inode, i, pack_slices([s])) for f in files for i, s, _ in f.chunks],
+        )
+        self._xmany(
+            "INSERT INTO loft_ext (id, source, obj_key, etag, obj_offset, obj_length) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (s.id, r.source, r.key.encode("utf-8"), r.etag, r.offset, r.length)
+                for f in files
+                for _, s, r in f.chunks
+            ],
+        )
+
+    def put_ext(self, id: int, rec: ExtObject) -> None:
+        self._x(
+            "INSERT INTO loft_ext (id, source, obj_key, etag, obj_offset, obj_length) "
+            "VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET source = excluded.source, "
+            "obj_key = excluded.obj_key, etag = excluded.etag, "
+            "obj_offset = excluded.obj_offset, obj_length = excluded.obj_length",
+            (id, rec.source, rec.key.encode("utf-8"), rec.etag, rec.offset, rec.length),
+        )
+
+    def get_ext(self, ids: Sequence[int]) -> dict[int, ExtObject]:
+        wanted = sorted(set(ids))
+        out: dict[int, ExtObject] = {}
+        for i in range(0, len(wanted), IN_BATCH):
+            part = wanted[i : i + IN_BATCH]
+            marks = ", ".join("?" * len(part))
+            rows = self._all(
+                "SELECT id, source, obj_key, etag, obj_offset, obj_length FROM loft_ext "
+                f"WHERE id IN ({marks})",
+                tuple(part),
+            )
+            for r in rows:
+                out[int(r[0])] = ExtObject(
+                    int(r[1]), bytes(r[2]).decode("utf-8"), str(r[3]), int(r[4]), int(r[5])
+                )
+        return out
+
+    def del_ext(self, ids: Sequence[int]) -> None:
+        wanted = sorted(set(ids))
+        for i in range(0, len(wanted), IN_BATCH):
+            part = wanted[i : i + IN_BATCH]
+            marks = ", ".join("?" * len(part))
+            self._x(f"DELETE FROM loft_ext WHERE id IN ({marks})", tuple(part))
+
+    def count_ext(self, source: int) -> int:
+        row = self._one("SELECT COUNT(*) FROM loft_ext WHERE source = ?", (source,))
+        return int(row[0])
 
     # --- extended attributes ------------------------------------------------------------------
     def get_xattr(self, inode: int, name: bytes) -> bytes | None:
@@ -510,6 +611,8 @@ class SQLMeta(BaseMeta):
     dialect: SQLDialect
     #: give up on a busy/conflicting database after this long (MetaUnavailable)
     RETRY_DEADLINE_S = 60.0
+    #: ``_add_later_tables`` ran (it is tried once per engine object)
+    _later_added = False
 
     # --- dialect hooks ------------------------------------------------------------------------
     # ``_conn`` and ``_begin`` serve the default runner below; an engine that replaces ``_run``
@@ -562,9 +665,10 @@ class SQLMeta(BaseMeta):
                         continue
                     raise MetaUnavailable(f"metadata database stays busy: {e}") from e
                 if self._is_missing_schema(e):
-                    raise NotFormatted(
-                        "no volume is formatted at this metadata URL (run `loft format`)"
-                    ) from e
+                    if self._later_table_missing(e):
+                        self._add_later_tables()
+                        continue
+                    raise NotFormatted(_NOT_FORMATTED) from e
                 if self._is_db_error(e):
                     raise MetaUnavailable(f"metadata database error: {e}") from e
                 raise
@@ -588,6 +692,38 @@ class SQLMeta(BaseMeta):
                 cur.execute(stmt)
 
         self._run(fn, True)
+
+    def _later_table_missing(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says that a table of ``LATER_TABLES`` is missing, and this engine
+        object has not tried to add it yet. Both dialects name the table in the message."""
+        if self._later_added or not self._is_missing_schema(exc):
+            return False
+        text = str(exc)
+        return any(re.search(rf"\b{name}\b", text) for name in LATER_TABLES)
+
+    def _add_later_tables(self) -> None:
+        """Create the tables of ``LATER_TABLES`` (and their indexes) in a volume formatted
+        before they existed, then let the caller retry its transaction. Every statement is
+        ``IF NOT EXISTS``, so clients upgrading one volume at once all succeed (PostgreSQL
+        reports such a race as a unique violation, retried as a conflict). Raises
+        ``NotFormatted`` and creates nothing when there is no volume at all."""
+        self._later_added = True
+        later = [
+            stmt
+            for stmt in self.dialect.schema()
+            if any(re.search(rf"\b{name}\b", stmt) for name in LATER_TABLES)
+        ]
+        probe = self.dialect.sql("SELECT 1 FROM loft_setting WHERE name = ?")
+
+        def fn(cur: Any) -> None:
+            cur.execute(probe, (SETTING_VOLUME,))
+            if cur.fetchone() is None:
+                raise NotFormatted(_NOT_FORMATTED)
+            for stmt in later:
+                cur.execute(stmt)
+
+        self._run(fn, True)
+        log.info("added the tables %s to the volume at %s", ", ".join(LATER_TABLES), self.url)
 
     def _engine_destroy(self) -> None:
         def fn(cur: Any) -> None:

@@ -13,12 +13,15 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from loftfs.errors import ConfigError, MetaUnavailable, NotFormatted
 from loftfs.meta.sql import SQLDialect, SQLMeta
 from loftfs.meta.types import VolumeSettings
+
+T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5000
 
@@ -68,6 +71,10 @@ class SQLiteMeta(SQLMeta):
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
+        # One writer at a time in this process: SQLite allows one anyway, and a thread that
+        # waits here wakes the moment the writer commits, where SQLite's busy handler would
+        # sleep in steps of up to 100 ms between tries (other processes still meet that).
+        self._write_lock = threading.RLock()
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -103,6 +110,12 @@ class SQLiteMeta(SQLMeta):
             super().init_volume(settings)
         finally:
             self._may_create = False
+
+    def _run(self, fn: Callable[[Any], T], write: bool) -> T:
+        if not write:
+            return super()._run(fn, write)
+        with self._write_lock:
+            return super()._run(fn, write)
 
     def _begin(self, cur: Any, write: bool) -> None:
         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")

@@ -15,11 +15,11 @@ retrying it on conflict. The contract keeps key-value engines possible:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from loftfs.meta.types import Attr, FileType, Slice
+from loftfs.meta.types import Attr, ExtObject, FileType, Slice
 
 T = TypeVar("T")
 
@@ -32,6 +32,17 @@ USED_INODES = "used_inodes"
 
 # setting names
 SETTING_VOLUME = "volume"
+SETTING_SOURCES = "sources"  # JSON: the volume's import sources (loftfs.sources)
+
+# Lazy import: a directory still bound to a source prefix (not listed yet) carries this st_rdev
+# (directories have no device number otherwise; the FUSE layer never shows it), so every
+# client learns it from the attributes it reads anyway, at no cost; the binding itself (source
+# and prefix) is the setting ``lazy_setting(inode)`` (see loftfs.meta.ops_import).
+LAZY_MARK = 1
+
+
+def lazy_setting(inode: int) -> str:
+    return f"lazy:{inode}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +65,17 @@ class PlockRange:
 
 
 @dataclass(frozen=True, slots=True)
+class NewFile:
+    """A file for ``Txn.put_new_files``: its attributes, where its entry goes, and its chunks
+    as (index, slice, record) of the external slice each holds."""
+
+    attr: Attr
+    parent: int
+    name: bytes
+    chunks: tuple[tuple[int, Slice, ExtObject], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SessionRec:
     sid: int
     heartbeat_ns: int
@@ -66,6 +88,11 @@ class Txn(Protocol):
     # --- settings and counters ----------------------------------------------------------------
     def get_setting(self, name: str) -> str | None: ...
     def put_setting(self, name: str, value: str) -> None: ...
+    def del_setting(self, name: str) -> None: ...
+    def settings_with_prefix(self, prefix: str) -> dict[str, str]:
+        """Every setting whose name starts with ``prefix`` (an administrative read: dumps)."""
+        ...
+
     def get_counter(self, name: str) -> int:
         """0 when the counter was never set."""
         ...
@@ -120,6 +147,26 @@ class Txn(Protocol):
     def deleted_slices(self, limit: int) -> list[tuple[int, int]]: ...
     def forget_slices(self, ids: list[int]) -> None:
         """Drop the reference rows of ``ids`` that are still at zero or below."""
+        ...
+
+    def put_new_files(self, files: Sequence[NewFile]) -> None:
+        """Write many new regular files at once (imports): each one's attributes, its entry
+        and its chunks of external slices with their records. The names must be free and the
+        inodes and slice ids fresh: this only inserts (engines may batch the statements)."""
+        ...
+
+    # --- external objects (imported data read in place, see ExtObject) -------------------------
+    def put_ext(self, id: int, rec: ExtObject) -> None: ...
+    def get_ext(self, ids: Sequence[int]) -> dict[int, ExtObject]:
+        """The records of ``ids`` that exist (missing ids are left out)."""
+        ...
+
+    def del_ext(self, ids: Sequence[int]) -> None:
+        """Remove the records of ``ids``; missing ones are not an error."""
+        ...
+
+    def count_ext(self, source: int) -> int:
+        """How many records point at objects of source ``source``."""
         ...
 
     # --- extended attributes ------------------------------------------------------------------

@@ -7,6 +7,7 @@ import stat
 import uuid as _uuid
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
 
 CHUNK_SIZE = 64 << 20  # a file is split into chunks of this many bytes by offset
 ROOT_INODE = 1
@@ -109,8 +110,9 @@ class Ctx:
 ROOT_CTX = Ctx()
 
 
-@dataclass(frozen=True, slots=True)
-class DirEntry:
+class DirEntry(NamedTuple):
+    """One entry of a listing (a tuple: listings of large directories build many)."""
+
     name: bytes
     attr: Attr
 
@@ -121,8 +123,9 @@ class Slice:
 
     The chunk's content is its slice records laid over each other in list order, later on top.
     ``id == 0`` is a hole (reads as zeros). ``size`` is the stored slice's full length (needed to
-    name its blocks); ``off``/``len`` select the visible part. ``kind`` is 0 for native blocks;
-    other kinds (external source objects, packed small files) are reserved for later.
+    name its blocks); ``off``/``len`` select the visible part. ``kind``: ``KIND_NATIVE`` (blocks
+    of the volume's store) or ``KIND_EXTERNAL`` (``id`` names an ``ExtObject``: a range of an
+    object of a source bucket, ``size`` its length); packed small files are reserved for later.
     """
 
     pos: int
@@ -135,6 +138,64 @@ class Slice:
     @property
     def end(self) -> int:
         return self.pos + self.len
+
+
+KIND_NATIVE = 0  # a slice stored as blocks of the volume's own object store
+KIND_EXTERNAL = 1  # a slice whose bytes are a range of an object in a source bucket
+
+
+@dataclass(frozen=True, slots=True)
+class ExtObject:
+    """Where the bytes of an external slice live: ``length`` bytes from ``offset`` of the
+    object ``key`` of source ``source``, as it was when imported (``etag``: its ETag or
+    version; a read of a changed object fails instead of mixing versions).
+
+    An imported object gets one record per 64 MiB chunk it spans, each with an id from the
+    slice id space: the chunk's slice is ``Slice(pos, id, size=length, off, len,
+    kind=KIND_EXTERNAL)``, reference-counted like native slices. Records never change."""
+
+    source: int
+    key: str
+    etag: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImportItem:
+    """One object to import: its path under the destination (``dirs`` then ``name``, each a
+    valid file name), size, modification time and identity in the source."""
+
+    dirs: tuple[bytes, ...]
+    name: bytes
+    size: int
+    mtime_ns: int
+    key: str
+    etag: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImportOwner:
+    """Mode and owner of what an import creates."""
+
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass
+class BatchResult:
+    """What one ``Meta.import_batch`` did."""
+
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    conflicts: int = 0
+    nbytes: int = 0  # size of the files created or updated
+    conflict_paths: list[bytes] = field(default_factory=list)
+    # directories this batch created, by path under the destination (for the importer's cache)
+    new_dirs: dict[tuple[bytes, ...], int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,7 +64,13 @@ class FaultInjectingStore(ObjectStoreWrapper):
 
     def get(self, key: str, offset: int = 0, limit: int = -1) -> bytes:
         self._before("get", key)
-        data = self.inner.get(key, offset, limit)
+        return self._maybe_truncated(self.inner.get(key, offset, limit))
+
+    def get_checked(self, key: str, etag: str, offset: int = 0, limit: int = -1) -> bytes:
+        self._before("get", key)
+        return self._maybe_truncated(self.inner.get_checked(key, etag, offset, limit))
+
+    def _maybe_truncated(self, data: bytes) -> bytes:
         if "get" in self.ops and data and self._roll(self.truncate_rate):
             with self._lock:
                 self.truncations_injected += 1

@@ -24,7 +24,7 @@ import stat
 import threading
 from collections.abc import Iterator
 
-from loftfs.errors import ObjectAuthError, ObjectNotFound, ObjectStoreError
+from loftfs.errors import ObjectAuthError, ObjectChanged, ObjectNotFound, ObjectStoreError
 from loftfs.object.interface import ObjectInfo, ObjectStore
 
 # Temporary files carry this name prefix; keys may not use it and listings skip it.
@@ -71,6 +71,12 @@ def _syncfs(fd: int) -> None:
             raise OSError(err, os.strerror(err))
     except AttributeError:
         os.sync()
+
+
+def file_etag(st: os.stat_result) -> str:
+    """The version of a file as an ETag: its modification time and size (hex). A rewrite that
+    keeps both (within the clock's resolution) is not seen, as with rsync's quick check."""
+    return f"{st.st_mtime_ns:x}-{st.st_size:x}"
 
 
 class FileObjectStore(ObjectStore):
@@ -145,6 +151,31 @@ class FileObjectStore(ObjectStore):
                 return f.read() if limit < 0 else f.read(limit)
         except OSError as e:
             raise self._error(e, "get", key) from e
+
+    def get_checked(self, key: str, etag: str, offset: int = 0, limit: int = -1) -> bytes:
+        """``get`` of the file as it was when ``file_etag`` gave ``etag``: the version is
+        checked on the open file before and after the read (a file replaced by rename keeps
+        its old content for an open descriptor; one changed in place shows a new mtime)."""
+        if offset < 0:
+            raise ValueError(f"negative offset {offset}")
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                before = file_etag(os.fstat(f.fileno()))
+                if before != etag:
+                    raise ObjectChanged(
+                        f"{key!r} in {self.describe()} changed: {etag!r} -> {before!r}"
+                    )
+                size = os.fstat(f.fileno()).st_size - offset if limit < 0 else limit
+                data = os.pread(f.fileno(), max(0, size), offset)
+                after = file_etag(os.fstat(f.fileno()))
+        except OSError as e:
+            raise self._error(e, "get", key) from e
+        if after != etag:
+            raise ObjectChanged(
+                f"{key!r} in {self.describe()} changed while read: {etag!r} -> {after!r}"
+            )
+        return data
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -289,7 +320,7 @@ class FileObjectStore(ObjectStore):
             raise self._error(e, "head", key) from e
         if not stat.S_ISREG(st.st_mode):
             raise ObjectNotFound(f"no such object: {key!r} in {self.describe()}")
-        return ObjectInfo(key=key, size=st.st_size, mtime_ns=st.st_mtime_ns)
+        return ObjectInfo(key=key, size=st.st_size, mtime_ns=st.st_mtime_ns, etag=file_etag(st))
 
     # --- listing --------------------------------------------------------------------------
 
@@ -377,7 +408,9 @@ class FileObjectStore(ObjectStore):
                     continue  # deleted while listing
                 except OSError as e:
                     raise self._error(e, "list", key) from e
-                yield ObjectInfo(key=key, size=st.st_size, mtime_ns=st.st_mtime_ns)
+                yield ObjectInfo(
+                    key=key, size=st.st_size, mtime_ns=st.st_mtime_ns, etag=file_etag(st)
+                )
 
     def _has_objects(self, rel: str) -> bool:
         return next(iter(self._walk(rel, rel, "", fold=False)), None) is not None

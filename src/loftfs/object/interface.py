@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from loftfs.errors import ObjectChanged
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
@@ -52,6 +54,16 @@ class ObjectStore(ABC):
     @abstractmethod
     def head(self, key: str) -> ObjectInfo:
         """Size and metadata of one object. ``ObjectNotFound``."""
+
+    def get_checked(self, key: str, etag: str, offset: int = 0, limit: int = -1) -> bytes:
+        """``get`` of the object as it was when its ETag (as ``head`` and ``list`` report it)
+        was ``etag``: ``ObjectChanged`` when it is another version now, so bytes of two
+        versions are never mixed. Backends override this to check in the same request; the
+        fallback asks ``head`` first."""
+        current = self.head(key).etag
+        if current != etag:
+            raise ObjectChanged(f"{key!r} in {self.describe()} changed: {etag!r} -> {current!r}")
+        return self.get(key, offset, limit)
 
     @abstractmethod
     def list(
@@ -97,6 +109,9 @@ class ObjectStoreWrapper(ObjectStore):
 
     def head(self, key: str) -> ObjectInfo:
         return self.inner.head(key)
+
+    def get_checked(self, key: str, etag: str, offset: int = 0, limit: int = -1) -> bytes:
+        return self.inner.get_checked(key, etag, offset, limit)
 
     def list(
         self, prefix: str = "", start_after: str = "", delimiter: str = "", limit: int = 0

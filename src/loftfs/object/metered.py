@@ -39,6 +39,16 @@ class MeteredStore(ObjectStoreWrapper):
         self.metrics.observe_request("get", time.perf_counter() - start, False, len(data))
         return data
 
+    def get_checked(self, key: str, etag: str, offset: int = 0, limit: int = -1) -> bytes:
+        start = time.perf_counter()
+        try:
+            data = self.inner.get_checked(key, etag, offset, limit)
+        except BaseException:
+            self.metrics.observe_request("get", time.perf_counter() - start, True)
+            raise
+        self.metrics.observe_request("get", time.perf_counter() - start, False, len(data))
+        return data
+
     def put(self, key: str, data: bytes) -> None:
         start = time.perf_counter()
         try:

@@ -37,6 +37,9 @@ class PrefixStore(ObjectStoreWrapper):
     def head(self, key: str) -> ObjectInfo:
         return replace(self.inner.head(self.prefix + key), key=key)
 
+    def get_checked(self, key: str, etag: str, offset: int = 0, limit: int = -1) -> bytes:
+        return self.inner.get_checked(self.prefix + key, etag, offset, limit)
+
     def list(
         self, prefix: str = "", start_after: str = "", delimiter: str = "", limit: int = 0
     ) -> Iterator[ObjectInfo]:

@@ -54,6 +54,9 @@ class RetryStore(ObjectStoreWrapper):
     def get(self, key: str, offset: int = 0, limit: int = -1) -> bytes:
         return self._call(f"get {key}", lambda: self.inner.get(key, offset, limit))
 
+    def get_checked(self, key: str, etag: str, offset: int = 0, limit: int = -1) -> bytes:
+        return self._call(f"get {key}", lambda: self.inner.get_checked(key, etag, offset, limit))
+
     def put(self, key: str, data: bytes) -> None:
         self._call(f"put {key}", lambda: self.inner.put(key, data))
 

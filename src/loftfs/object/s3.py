@@ -44,6 +44,7 @@ from botocore.credentials import RefreshableCredentials
 from loftfs.errors import (
     ConfigError,
     ObjectAuthError,
+    ObjectChanged,
     ObjectNotFound,
     ObjectStoreError,
     ObjectTransientError,
@@ -715,11 +716,21 @@ class S3ObjectStore(ObjectStore):
         """Whole object, or a range. The body's length is checked against the range the server
         says it sent and the object's size: a short body is an ``ObjectTransientError`` (the
         connection broke), never data. A range starting at or past the end is ``b""``."""
+        return self._get(key, offset, limit, None)
+
+    def get_checked(self, key: str, etag: str, offset: int = 0, limit: int = -1) -> bytes:
+        """``get``, checked against the ETag the server sends with the body itself (so the
+        bytes returned are of that version, with no window between a check and the read)."""
+        return self._get(key, offset, limit, etag)
+
+    def _get(self, key: str, offset: int, limit: int, etag: str | None) -> bytes:
         check_key(key)
         if offset < 0:
             raise ObjectStoreError(f"invalid offset {offset} for {key!r}")
         if limit == 0:
-            self.head(key)  # the answer is empty, but a missing object is still an error
+            info = self.head(key)  # the answer is empty, but a missing object is still an error
+            if etag is not None and info.etag != etag:
+                raise self._changed(key, etag, info.etag)
             return b""
         options: GetOptions = {}
         if limit > 0:
@@ -732,9 +743,19 @@ class S3ObjectStore(ObjectStore):
             result = obstore.get(store, key, options=options or None)
             start, end = result.range
             size = int(result.meta["size"])
+            if etag is not None:
+                current = (result.meta.get("e_tag") or "").strip('"')
+                if current != etag:
+                    raise self._changed(key, etag, current)
             body = bytes(result.bytes())
+        except ObjectChanged:
+            raise
         except Exception as e:
             if _is_invalid_range(e):
+                if etag is not None:  # no body to check: ask for the version
+                    info = self.head(key)
+                    if info.etag != etag:
+                        raise self._changed(key, etag, info.etag) from None
                 return b""  # the object exists; the range starts at or past its end
             raise _obstore_error(e, what, self._where) from None
         want_end = size if limit < 0 else min(offset + limit, size)
@@ -744,6 +765,11 @@ class S3ObjectStore(ObjectStore):
                 f"({len(body)} bytes for range {offset}-{want_end} of {size})"
             )
         return body
+
+    def _changed(self, key: str, etag: str, current: str) -> ObjectChanged:
+        return ObjectChanged(
+            f"object {key!r} in {self._where} changed: ETag {etag!r} when recorded, {current!r} now"
+        )
 
     def put(self, key: str, data: bytes) -> None:
         """One PUT (never multipart: blocks are at most 64 MiB); S3 makes it atomic."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from loftfs.chunk.datapath import BlockSlice, DataPath, ReadState
 from loftfs.errors import FSError
 from loftfs.meta.interface import Meta
+from loftfs.meta.ops_import import LAZY_MARK
 from loftfs.meta.types import (
     FALLOC_FL_KEEP_SIZE,
     Attr,
@@ -34,6 +35,7 @@ from loftfs.meta.types import (
     StatFS,
     VolumeSettings,
 )
+from loftfs.vfs.lazy import LazyDirs
 from loftfs.vfs.options import MountOptions
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,8 @@ class VFS:
         self.data = data
         self.settings = settings
         self.opts = opts
+        # directories bound to a source prefix, listed from it when first needed
+        self.lazy = LazyDirs(meta, data.external.sources)
         self._fh = itertools.count(1)
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
@@ -121,17 +125,26 @@ class VFS:
         return h
 
     def _with_dirty(self, attr: Attr) -> Attr:
-        """Attributes as this mount sees them: buffered writes extend the size."""
+        """Attributes as this mount sees them: buffered writes extend the size. (Directories
+        still bound to a source prefix are noted on the way: see ``loftfs.vfs.lazy``.)"""
         if attr.type == FileType.FILE:
             dirty = self.data.dirty_size(attr.inode)
             if dirty > attr.size:
                 attr = attr.copy()
                 attr.size = dirty
+        elif attr.rdev == LAZY_MARK and attr.type == FileType.DIR:
+            self.lazy.seen(attr.inode)
         return attr
+
+    def _listed(self, inode: int) -> None:
+        """List a directory bound to a source prefix before its first lookup or listing."""
+        if self.lazy.pending(inode):
+            self.lazy.populate(inode)
 
     # --- attributes and lookups ------------------------------------------------------------------
 
     def lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
+        self._listed(parent)
         return self._with_dirty(self.meta.lookup(ctx, parent, name))
 
     def getattr(self, inode: int) -> Attr:
@@ -236,6 +249,15 @@ class VFS:
     def rmdir(self, ctx: Ctx, parent: int, name: bytes) -> None:
         self._check_writable()
         self.release_lingering()
+        # a directory bound to a source prefix holds what the prefix holds: list it first, so
+        # that removing one with objects is ENOTEMPTY, as its contents say
+        try:
+            child: Attr | None = self.meta.lookup(ctx, parent, name)
+        except FSError:
+            child = None  # rmdir gives the answer
+        if child is not None and child.type == FileType.DIR and child.rdev == LAZY_MARK:
+            self.lazy.seen(child.inode)
+            self.lazy.populate(child.inode)
         self.meta.rmdir(ctx, parent, name)
 
     def rename(
@@ -538,41 +560,57 @@ class VFS:
     # --- directories -----------------------------------------------------------------------------
 
     def opendir(self, ctx: Ctx, inode: int) -> int:
-        attr = self.meta.getattr(inode)
+        attr = self._with_dirty(self.meta.getattr(inode))
         if attr.type != FileType.DIR:
             raise FSError(errno.ENOTDIR)
+        if self.lazy.pending(inode):
+            self.lazy.populate(inode)
+            attr = self.meta.getattr(inode)
         fh = next(self._fh)
         with self._lock:
             self._dirs[fh] = DirHandle(inode, self_attr=attr)
         return fh
 
-    def readdir(self, ctx: Ctx, fh: int, offset: int) -> Iterator[tuple[bytes, Attr]]:
+    def readdir(
+        self, ctx: Ctx, fh: int, offset: int, *, sizes: bool = True
+    ) -> Iterator[tuple[bytes, Attr]]:
         """Entries from index ``offset`` on, ``.`` and ``..`` first. The listing is taken once
         per handle (at offset 0) so that paging through a changing directory stays stable.
 
         The metadata is read here; the entries are produced lazily, so a reply page that holds
-        200 entries of a large directory converts 200, not the whole listing."""
+        200 entries of a large directory converts 200, not the whole listing. ``sizes=False``:
+        the caller uses only names, inodes and types (a plain page), so the sizes of files
+        being written here are not looked up."""
         h = self._dirs.get(fh)
         if h is None:
             raise FSError(errno.EBADF)
         if h.entries is None or offset == 0:
+            rewind = h.entries is not None
             try:
                 h.entries = self.meta.readdir(ctx, h.inode)
+                if rewind:  # else the attributes read by opendir, just before
+                    h.self_attr = self.meta.getattr(h.inode)
             except FSError as e:
                 if e.errno != errno.ENOENT:
                     raise
                 return iter(())  # removed while open: empty, as on a local file system
-            h.self_attr = self.meta.getattr(h.inode)
+            assert h.self_attr is not None
+            # The kernel takes only the inode number and type of "." and ".." from a listing
+            # (it never caches their attributes), so ".." is not read from the engine.
             parent = h.self_attr.parent or h.inode
-            h.parent_attr = self.meta.getattr(parent) if parent != h.inode else h.self_attr
+            h.parent_attr = h.self_attr.copy()
+            h.parent_attr.inode = parent
         assert h.self_attr is not None and h.parent_attr is not None
         dots: list[tuple[bytes, Attr]] = [(b".", h.self_attr), (b"..", h.parent_attr)]
-        return self._entries_from(dots[offset:], h.entries[max(0, offset - 2) :])
+        return self._entries_from(dots[offset:], h.entries[max(0, offset - 2) :], sizes)
 
     def _entries_from(
-        self, dots: list[tuple[bytes, Attr]], entries: list[DirEntry]
+        self, dots: list[tuple[bytes, Attr]], entries: list[DirEntry], sizes: bool
     ) -> Iterator[tuple[bytes, Attr]]:
         yield from dots
+        if not sizes:
+            yield from entries
+            return
         for e in entries:
             yield e.name, self._with_dirty(e.attr)
 
