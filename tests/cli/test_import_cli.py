@@ -281,3 +281,17 @@ def test_s3_source_with_read_only_sealed_credentials(
     assert "cannot be listed" in check_clean_error(
         loft("source", "add", volume.meta_url, "gone", f"{seaweed_server.endpoint}/no-such-bkt")
     )
+
+
+def test_missing_tree_and_quota_are_clean_errors(volume: Volume, src: Path, tmp_path: Path) -> None:
+    assert "is not a directory" in check_clean_error(
+        loft("source", "add", volume.meta_url, "gone", f"file://{tmp_path}/nope")
+    )
+    ok(loft("source", "add", volume.meta_url, "local", f"file://{src}"))
+    ok(loft("config", volume.meta_url, "--inodes", "4"))
+    line = check_clean_error(loft("import", volume.meta_url, "local", "/d", "--batch", "1"))
+    assert "quota is reached" in line and "resume" in line
+    ok(loft("config", volume.meta_url, "--inodes", "0"))
+    out = summary(volume.meta_url, "local", "/d", "--batch", "1")
+    assert out["resumed"] is True
+    assert len([p for p, (t, _) in imported(volume, "/d").items() if t == "FILE"]) == 5

@@ -4,12 +4,13 @@ volume without copying it (``loftfs.importer``)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Annotated, Any
@@ -29,7 +30,7 @@ from loftfs.cli.common import (
     say,
     stderr_console,
 )
-from loftfs.errors import ConfigError, LoftError, ObjectStoreError
+from loftfs.errors import ConfigError, FSError, LoftError, ObjectStoreError
 from loftfs.meta.ops_import import ImportOwner
 from loftfs.meta.types import VolumeSettings
 from loftfs.object.encrypt import secret_from_sources
@@ -89,6 +90,12 @@ def _volume_store(
 
 def _check_readable(source: Source, store: ObjectStore) -> None:
     """List one key of the source, so a wrong endpoint, bucket or credential is reported now."""
+    if source.kind == "file":
+        root = source.bucket_url.removeprefix("file://")
+        if not os.path.isdir(root):
+            raise ConfigError(f"source {source.name!r}: {root} is not a directory")
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise ConfigError(f"source {source.name!r}: {root} cannot be read")
     try:
         next(iter(store.list(source.prefix, limit=1)), None)
     except ObjectStoreError as e:
@@ -274,21 +281,30 @@ def _split_source_arg(text: str) -> tuple[str, str]:
 
 
 class _Progress:
-    """A live line: objects, bytes and the rate."""
+    """A live line on a terminal: objects, bytes and the rate (nothing when stderr is not a
+    terminal: scripts get the summary)."""
 
     def __init__(self) -> None:
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            console=stderr_console(),
-            transient=False,
-        )
-        self.task = self.progress.add_task("listing", total=None)
+        console = stderr_console()
+        self.progress: Progress | None = None
+        if console.is_terminal:
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=False,
+            )
+            self.task = self.progress.add_task("listing", total=None)
         self.started = time.monotonic()
         self._lock = threading.Lock()
 
+    def live(self) -> AbstractContextManager[Any]:
+        return self.progress if self.progress is not None else nullcontext()
+
     def update(self, stats: Any) -> None:
+        if self.progress is None:
+            return
         with self._lock:
             elapsed = max(time.monotonic() - self.started, 1e-6)
             done = stats.created + stats.updated + stats.unchanged + stats.conflicts
@@ -423,7 +439,7 @@ def import_cmd(
         bar = _Progress()
         importer = Importer(base, source, store, prefix, dest, opts, bar.update)
         try:
-            with bar.progress, _stop_on_signals(importer.stop):
+            with bar.live(), _stop_on_signals(importer.stop):
                 stats = importer.run()
         except KeyboardInterrupt:
             raise LoftError(
@@ -431,6 +447,19 @@ def import_cmd(
             ) from None
         except ObjectStoreError as e:
             raise LoftError(f"import stopped: {e} (run the same command again to resume)") from e
+        except FSError as e:
+            done = importer.stats.created + importer.stats.updated
+            if e.errno == errno.ENOSPC:
+                raise LoftError(
+                    f"import stopped after {plural(done, 'file')}: the volume's capacity or inode "
+                    "quota "
+                    "is reached (raise it with `loft config`, then run the same command again "
+                    "to resume)"
+                ) from e
+            raise LoftError(
+                f"import stopped after {plural(done, 'file')}: {e} (run the same command again "
+                "to resume)"
+            ) from e
         finally:
             store.close()
     summary = {
