@@ -64,20 +64,37 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def timed_import(*args: str) -> tuple[dict[str, Any], float, int]:
-    """``loft import ... --json`` in a child: (summary, wall seconds, its peak RSS in bytes)."""
+    """``loft import ... --json`` in a child: (summary, wall seconds, its peak RSS in bytes).
+
+    The peak is the child's ``VmHWM``, read until it exits: ``ru_maxrss`` from ``wait4`` would
+    count the memory of this process, which the child is a copy of until it executes."""
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen([LOFT, "import", *args, "--json"], stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _hwm(proc.pid))
+            time.sleep(0.05)
         wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         if proc.returncode != 0:
             raise BenchError(f"loft import: exit {proc.returncode}: {err.read()[-2000:]}")
-        return json.loads(out.read()), wall, usage.ru_maxrss * 1024
+        return json.loads(out.read()), wall, peak
+
+
+def _hwm(pid: int) -> int:
+    """Peak resident size of a running process since it executed its program (bytes)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def new_volume(root: Path, name: str) -> str:

@@ -295,3 +295,34 @@ def test_missing_tree_and_quota_are_clean_errors(volume: Volume, src: Path, tmp_
     out = summary(volume.meta_url, "local", "/d", "--batch", "1")
     assert out["resumed"] is True
     assert len([p for p, (t, _) in imported(volume, "/d").items() if t == "FILE"]) == 5
+
+
+def test_credentials_of_an_encrypted_volume_need_its_secret(
+    meta_url: str, bucket: Path, tmp_path: Path, seaweed_server: SeaweedServer
+) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("a long and secret passphrase\n")
+    ok(
+        loft(
+            "format", meta_url, "encvol", "--bucket", str(bucket),
+            "--encrypt-passphrase-file", str(pw),
+        )
+    )  # fmt: skip
+    src_bucket = seaweed_server.new_bucket()
+    seaweed_server.client().create_bucket(Bucket=src_bucket)
+    url = f"{seaweed_server.endpoint}/{src_bucket}"
+    add = ("source", "add", meta_url, "enc", url, "--access-key", S3_READER[0])
+    env = {"LOFT_SOURCE_SECRET_KEY": S3_READER[1]}
+    # sealing needs the volume's key object, which only the volume's secret unlocks
+    assert "passphrase" in check_clean_error(loft(*add, env=env))
+    ok(loft(*add, "--encrypt-passphrase-file", str(pw), env=env))
+    keys = [p for p in bucket.rglob("*") if p.name == ".loftfs-sources-key"]
+    assert len(keys) == 1 and len(keys[0].read_bytes()) > 32  # stored encrypted
+    assert S3_READER[1].encode() not in keys[0].read_bytes()
+    assert "passphrase" in check_clean_error(loft("import", meta_url, "enc", "/d"))
+    out = json.loads(
+        ok(
+            loft("import", meta_url, "enc", "/d", "--json", "--encrypt-passphrase-file", str(pw))
+        ).stdout
+    )
+    assert out["created"] == 0 and out["objects"] == 0

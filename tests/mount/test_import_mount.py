@@ -106,6 +106,12 @@ def test_reads_in_place_then_from_the_cache(
         again = {rel: sha(data / rel) for rel in want}
         assert again == got
         assert source_figures(m)["requests_total"] == first["requests_total"]  # all cached
+        # `loft info` says where an imported file's bytes come from
+        info = json.loads(loft("info", str(data / "README"), "--json").stdout)
+        (s,) = info["chunks"][0]["slices"]
+        assert (s["kind"], s["blocks"], s["source"]["source"], s["source"]["key"]) == (
+            1, [], "ds", "README",
+        )  # fmt: skip
         # random access into the big file, from the cache
         with open(data / "weights/model.safetensors", "rb") as f:
             f.seek(5 * MIB + 11)

@@ -17,8 +17,9 @@ from loftfs.chunk.layout import block_keys
 from loftfs.cli.common import cell, kv_table, open_volume, plural, print_json, say, stdout_console
 from loftfs.errors import ConfigError, FSError, LoftError
 from loftfs.meta.interface import Meta
-from loftfs.meta.types import CHUNK_SIZE, Ctx, FileType, VolumeSettings
+from loftfs.meta.types import CHUNK_SIZE, KIND_EXTERNAL, Ctx, ExtObject, FileType, VolumeSettings
 from loftfs.object.encrypt import describe_record
+from loftfs.sources import load_sources
 from loftfs.utils import format_size
 
 
@@ -37,10 +38,12 @@ def describe_inode(meta: Meta, settings: VolumeSettings, inode: int, ctx: Ctx) -
     }
     if attr.type == FileType.FILE:
         chunks = []
+        sources = {s.id: s.name for s in load_sources(meta).sources.values()}
         for index in range((attr.size + CHUNK_SIZE - 1) // CHUNK_SIZE):
             slices = meta.read_chunk(inode, index)
             if not slices:
                 continue
+            external = meta.get_ext([s.id for s in slices if s.kind == KIND_EXTERNAL])
             chunks.append(
                 {
                     "index": index,
@@ -57,6 +60,11 @@ def describe_inode(meta: Meta, settings: VolumeSettings, inode: int, ctx: Ctx) -
                                 if s.id and s.kind == 0
                                 else []
                             ),
+                            **(
+                                {"source": _external(external[s.id], sources)}
+                                if s.id in external
+                                else {}
+                            ),
                         }
                         for s in slices
                     ],
@@ -68,6 +76,17 @@ def describe_inode(meta: Meta, settings: VolumeSettings, inode: int, ctx: Ctx) -
     elif attr.type == FileType.SYMLINK:
         out["target"] = os.fsdecode(meta.readlink(inode))
     return out
+
+
+def _external(rec: ExtObject, sources: dict[int, str]) -> dict[str, Any]:
+    """Where an external slice's bytes are read from."""
+    return {
+        "source": sources.get(rec.source, f"#{rec.source} (removed)"),
+        "key": rec.key,
+        "etag": rec.etag,
+        "offset": rec.offset,
+        "length": rec.length,
+    }
 
 
 def _locate(path: str) -> tuple[str, str, int]:
@@ -133,6 +152,13 @@ def info_cmd(
                 say(f"objects of slice {s['id']}:")
                 for key in s["blocks"]:
                     say(f"  {key}")
+            ext = s.get("source")
+            if ext:
+                end = ext["offset"] + ext["length"]
+                say(
+                    f"slice {s['id']} reads bytes {ext['offset']}-{end} of {ext['key']!r} in "
+                    f"source {ext['source']!r} (ETag {ext['etag']!r})"
+                )
 
 
 def _chunk_table(chunk: dict[str, Any]) -> Table:
@@ -145,6 +171,8 @@ def _chunk_table(chunk: dict[str, Any]) -> Table:
         table.add_column(column, justify="right")
     for s in slices:
         blocks = len(s["blocks"]) if s["id"] else "hole"
+        if "source" in s:
+            blocks = "external"
         table.add_row(
             *(cell(v) for v in (s["pos"], s["id"], s["size"], s["off"], s["len"], blocks))
         )
