@@ -51,7 +51,13 @@ log = logging.getLogger(__name__)
 MAX_NAME = 255
 DIR_CACHE_MAX = 100_000  # directories remembered across batches (cleared when full)
 REPORT_MAX = 100  # paths kept for the report per kind (all are counted)
-_DONE = "\x00done"  # checkpoint of a finished partition (no key contains NUL)
+# A partition's checkpoint (a setting): JSON, so that any key can be stored (PostgreSQL text
+# holds no NUL); ``{"after": key}`` while it runs, ``{"done": true}`` once finished.
+_DONE = json.dumps({"done": True})
+
+
+def _after(key: str) -> str:
+    return json.dumps({"after": key})
 JOB_FORMAT = 1
 
 
@@ -244,9 +250,13 @@ class Importer:
     # --- work ---------------------------------------------------------------------------------
 
     def _import_partition(self, dest: int, part: Partition, name: str) -> None:
-        after = self.meta.get_setting(name) or ""
-        if after == _DONE:
+        text = self.meta.get_setting(name)
+        if text == _DONE:
             return
+        try:
+            after = str(json.loads(text)["after"]) if text else ""
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"the checkpoint {name} of this import is damaged") from None
         batch: list[ImportItem] = []
         listed = skipped = markers = nbytes = 0
         skipped_keys: list[str] = []
@@ -272,7 +282,7 @@ class Importer:
                 ImportItem(path[0], path[1], info.size, info.mtime_ns, info.key, info.etag)
             )
             if len(batch) >= self.opts.batch:
-                self._commit(dest, batch, (name, last), listed, skipped, markers, nbytes)
+                self._commit(dest, batch, (name, _after(last)), listed, skipped, markers, nbytes)
                 self._note_skipped(skipped_keys)
                 batch, listed, skipped, markers, nbytes, skipped_keys = [], 0, 0, 0, 0, []
         if not self._stop.is_set():
