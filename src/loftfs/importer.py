@@ -5,8 +5,10 @@ How it runs (``Importer.run``):
 1. **Partitions.** The prefix is listed one level deep (delimiter ``/``), and again one level
    below while there are fewer partitions than workers can use; each common prefix found is a
    partition listed flat (every key under it, in key order), and each prefix expanded also
-   gets a "top" partition for the objects directly in it. The list of partitions is stored
-   with the job, so a resumed import uses the same ones.
+   gets a "top" partition for the objects directly in it. A narrow tree (at most half as many
+   partitions as wanted, e.g. a flat bucket of billions of keys) is cut further into key
+   ranges by the first character after each prefix. The list of partitions is stored with the
+   job, so a resumed import uses the same ones.
 2. **Workers.** ``threads`` workers take partitions in turn, list them, turn each key into a
    path (skipping keys no file system path can spell: empty or ``.``/``..`` segments, names
    over 255 bytes), filter with ``--include``/``--exclude``, and write batches of ``batch``
@@ -30,6 +32,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import threading
@@ -58,6 +61,8 @@ _DONE = json.dumps({"done": True})
 
 def _after(key: str) -> str:
     return json.dumps({"after": key})
+
+
 JOB_FORMAT = 1
 
 
@@ -99,9 +104,24 @@ class ImportStats:
 class Partition:
     prefix: str
     flat: bool  # every key under the prefix; else only the objects directly in it
+    start: str = ""  # only keys >= start ("": from the prefix on)
+    end: str = ""  # only keys < end ("": to the end of the prefix)
 
     def to_json(self) -> list[object]:
-        return [self.prefix, self.flat]
+        return [self.prefix, self.flat, self.start, self.end]
+
+    @classmethod
+    def from_json(cls, rec: list[object]) -> Partition:
+        prefix, flat, *bounds = rec
+        start, end = (str(b) for b in bounds) if bounds else ("", "")
+        return cls(str(prefix), bool(flat), start, end)
+
+
+# Where a narrow tree (fewer prefixes than workers, e.g. a flat bucket) is cut into key ranges:
+# by the first character after the prefix, over the characters keys start with most (digits,
+# letters); keys outside fall in the first or the last range.
+RANGE_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+MAX_RANGES = 16  # ranges per prefix at most
 
 
 def key_path(rel: str) -> tuple[tuple[bytes, ...], bytes] | None:
@@ -164,7 +184,7 @@ class Importer:
         job = self._load_job()
         if job.get("state") == "running":
             self.stats.resumed = True
-            parts = [Partition(str(p), bool(f)) for p, f in job["partitions"]]
+            parts = [Partition.from_json(rec) for rec in job["partitions"]]
             run_no = int(job["run"])
             self.stats.refresh = bool(job.get("refresh"))
         else:
@@ -438,13 +458,40 @@ def partitions(store: ObjectStore, prefix: str, want: int) -> list[Partition]:
         if not frontier or len(done) + len(frontier) >= want:
             break
     done.extend(Partition(p, True) for p in frontier)
-    return sorted(done, key=lambda p: (p.prefix, p.flat))
+    if len(done) * 2 <= want:
+        # a narrow tree: cut every partition into key ranges, so that the workers share it
+        each = min(MAX_RANGES, -(-want // len(done)))
+        done = [
+            Partition(p.prefix, p.flat, start, end)
+            for p in done
+            for start, end in key_ranges(p.prefix, each)
+        ]
+    return sorted(done, key=lambda p: (p.prefix, p.flat, p.start))
+
+
+def key_ranges(prefix: str, n: int) -> list[tuple[str, str]]:
+    """``n`` contiguous ranges [start, end) covering every key under ``prefix``."""
+    if n <= 1:
+        return [("", "")]
+    cuts = [prefix + RANGE_ALPHABET[i * len(RANGE_ALPHABET) // n] for i in range(1, n)]
+    edges = ["", *cuts, ""]
+    return list(itertools.pairwise(edges))
+
+
+def _just_below(key: str) -> str:
+    """A string after every key that sorts before ``key`` and before ``key`` itself: a
+    ``start_after`` that lists ``key`` and what follows."""
+    return key[:-1] + chr(ord(key[-1]) - 1) + "\U0010ffff"
 
 
 def list_partition(store: ObjectStore, part: Partition, after: str) -> Iterator[ObjectInfo]:
     """The objects of a partition after key ``after``, in key order."""
     delimiter = "" if part.flat else "/"
+    if not after and part.start:
+        after = _just_below(part.start)
     for info in store.list(part.prefix, start_after=after, delimiter=delimiter):
+        if part.end and info.key >= part.end:
+            return
         if not info.is_prefix:
             yield info
 

@@ -326,3 +326,22 @@ def test_credentials_of_an_encrypted_volume_need_its_secret(
         ).stdout
     )
     assert out["created"] == 0 and out["objects"] == 0
+
+
+def test_a_flat_tree_is_listed_in_key_ranges(volume: Volume, tmp_path: Path) -> None:
+    """A tree with no subdirectories still gives every worker a share: key ranges, covering
+    every key exactly once (keys outside the range alphabet included)."""
+    from loftfs.importer import list_partition, partitions
+    from loftfs.object import create_storage
+
+    src = tmp_path / "flat"
+    names = [f"{i:05x}.bin" for i in range(600)] + ["Zed", "~tilde", "\u00e9t\u00e9", "-dash"]
+    tree(src, {n: n.encode() for n in names})
+    store = create_storage("file", str(src))
+    parts = partitions(store, "", 16)
+    assert len(parts) == 16 and all(not p.flat for p in parts)
+    listed = [i.key for p in parts for i in list_partition(store, p, "")]
+    assert sorted(listed) == sorted(names)
+    ok(loft("source", "add", volume.meta_url, "flat", f"file://{src}"))
+    out = summary(volume.meta_url, "flat", "/f", "--threads", "4")
+    assert out["created"] == len(names)
