@@ -362,6 +362,7 @@ def import_cmd(
             "-t",
             help="Parallel listings (default: 16 for buckets, 2 for local trees, where listing "
             "is CPU-bound)",
+            show_default=False,
         ),
     ] = 0,
     batch: Annotated[int, typer.Option("--batch", help="Objects per metadata transaction")] = 1000,
