@@ -230,6 +230,8 @@ class Importer:
                 "finished_ns": time.time_ns(),
             }
         )
+        for i in range(0, len(names), 500):  # the checkpoints: done with
+            self.meta.delete_settings(names[i : i + 500])
         self.stats.seconds = time.monotonic() - started
         self._report()
         return self.stats

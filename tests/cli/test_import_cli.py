@@ -345,3 +345,16 @@ def test_a_flat_tree_is_listed_in_key_ranges(volume: Volume, tmp_path: Path) -> 
     ok(loft("source", "add", volume.meta_url, "flat", f"file://{src}"))
     out = summary(volume.meta_url, "flat", "/f", "--threads", "4")
     assert out["created"] == len(names)
+
+
+def test_a_completed_import_leaves_no_checkpoints(volume: Volume, src: Path) -> None:
+    ok(loft("source", "add", volume.meta_url, "local", f"file://{src}"))
+    summary(volume.meta_url, "local", "/d", "--batch", "1")
+    summary(volume.meta_url, "local", "/d", "--batch", "1")
+    meta = open_meta(volume.meta_url)
+    try:
+        left = meta._transaction(lambda tx: tx.settings_with_prefix("import:"), False)  # type: ignore[attr-defined]
+    finally:
+        meta.close()
+    assert len(left) == 1  # the job record (complete), no partition checkpoint
+    assert json.loads(next(iter(left.values())))["state"] == "complete"

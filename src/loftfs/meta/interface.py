@@ -251,6 +251,10 @@ class Meta(ABC):
     def set_setting(self, name: str, value: str) -> None: ...
 
     @abstractmethod
+    def delete_settings(self, names: Sequence[str]) -> None:
+        """Remove settings (missing names are not an error), in one transaction."""
+
+    @abstractmethod
     def import_batch(
         self,
         dest: int,

@@ -75,6 +75,13 @@ class ImportOps(MetaCore):
     def set_setting(self, name: str, value: str) -> None:
         self._transaction(lambda tx: tx.put_setting(name, value), True)
 
+    def delete_settings(self, names: Sequence[str]) -> None:
+        def fn(tx: Txn) -> None:
+            for name in names:
+                tx.del_setting(name)
+
+        self._transaction(fn, True)
+
     # --- lazy directories ---------------------------------------------------------------------
 
     def bind_lazy(self, inode: int, source: int, prefix: str) -> None:
