@@ -158,9 +158,11 @@ class ImportOps(MetaCore):
         slice_ids = self._reserve(NEXT_SLICE, chunks)
 
         def fn(tx: Txn, acct: Acct) -> BatchResult:
-            batch = _Batch(self, tx, acct, dest, source, owner, dir_cache, overwrite)
-            batch.lazy = {(name,): prefix for name, prefix in lazy_dirs}
-            return batch.run(items, iter(inodes), iter(slice_ids), checkpoint, finish_lazy)
+            batch = _Batch(
+                self, tx, acct, dest, source, owner, dir_cache, overwrite,
+                iter(inodes), iter(slice_ids), {(name,): prefix for name, prefix in lazy_dirs},
+            )  # fmt: skip
+            return batch.run(items, checkpoint, finish_lazy)
 
         return self._write(fn)
 
@@ -178,6 +180,9 @@ class _Batch:
         owner: ImportOwner,
         dir_cache: Mapping[tuple[bytes, ...], int],
         overwrite: bool,
+        inodes: Iterator[int],
+        slice_ids: Iterator[int],
+        lazy: dict[tuple[bytes, ...], str],
     ) -> None:
         self.meta = meta
         self.tx = tx
@@ -193,20 +198,18 @@ class _Batch:
         self.changed_dirs: dict[int, Attr] = {}  # directories whose times or nlink change
         self.new_dirs: set[int] = set()  # created here: known to be empty before this batch
         self.refs: dict[int, tuple[int, int]] = {}
-        self.lazy: dict[tuple[bytes, ...], str] = {}  # paths to create bound to a prefix
+        self.inodes = inodes  # fresh ids, reserved before the transaction
+        self.slice_ids = slice_ids
+        self.lazy = lazy  # paths to create bound to a source prefix
         self.created: dict[tuple[int, bytes], tuple[int, FileType]] = {}  # entries made here
         self.new_files: list[NewFile] = []  # written together at the end
 
     def run(
         self,
         items: Sequence[ImportItem],
-        inodes: Iterator[int],
-        slice_ids: Iterator[int],
         checkpoint: tuple[str, str] | None,
         finish_lazy: bool = False,
     ) -> BatchResult:
-        self.inodes = inodes
-        self.slice_ids = slice_ids
         tx = self.tx
         root = MetaCore._get_dir(tx, self.dest)
         if root.nlink == 0:
