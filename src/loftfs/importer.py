@@ -86,14 +86,12 @@ class ImportStats:
     unchanged: int = 0
     conflicts: int = 0
     skipped: int = 0  # keys no path can spell, or filtered out
-    markers: int = 0  # "directory" marker objects (keys ending in /), not imported
     vanished: int = 0
     deleted: int = 0
     bytes: int = 0  # size of the objects listed
     dirs: int = 0
     resumed: bool = False
     refresh: bool = False  # a re-run of a completed import
-    partitions: int = 0
     seconds: float = 0.0
     conflict_paths: list[str] = field(default_factory=list)
     skipped_keys: list[str] = field(default_factory=list)
@@ -205,7 +203,6 @@ class Importer:
                     "started_ns": time.time_ns(),
                 }
             )
-        self.stats.partitions = len(parts)
         names = [f"{self.job}:{run_no}:{i}" for i in range(len(parts))]
         with ThreadPoolExecutor(self.opts.threads, thread_name_prefix="loft-import") as pool:
             futures = [
@@ -280,7 +277,7 @@ class Importer:
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"the checkpoint {name} of this import is damaged") from None
         batch: list[ImportItem] = []
-        listed = skipped = markers = nbytes = 0
+        listed = skipped = nbytes = 0
         skipped_keys: list[str] = []
         last = after
         cut = len(self.prefix)
@@ -290,8 +287,7 @@ class Importer:
             last = info.key
             rel = info.key[cut:]
             if rel.endswith("/"):
-                markers += 1
-                continue
+                continue  # a "directory" marker object: not a file
             path = key_path(rel)
             if path is None or not self._wanted(rel):
                 skipped += 1
@@ -304,11 +300,11 @@ class Importer:
                 ImportItem(path[0], path[1], info.size, info.mtime_ns, info.key, info.etag)
             )
             if len(batch) >= self.opts.batch:
-                self._commit(dest, batch, (name, _after(last)), listed, skipped, markers, nbytes)
+                self._commit(dest, batch, (name, _after(last)), listed, skipped, nbytes)
                 self._note_skipped(skipped_keys)
-                batch, listed, skipped, markers, nbytes, skipped_keys = [], 0, 0, 0, 0, []
+                batch, listed, skipped, nbytes, skipped_keys = [], 0, 0, 0, []
         if not self._stop.is_set():
-            self._commit(dest, batch, (name, _DONE), listed, skipped, markers, nbytes)
+            self._commit(dest, batch, (name, _DONE), listed, skipped, nbytes)
             self._note_skipped(skipped_keys)
 
     def _note_skipped(self, keys: list[str]) -> None:
@@ -324,7 +320,6 @@ class Importer:
         checkpoint: tuple[str, str],
         listed: int,
         skipped: int,
-        markers: int,
         nbytes: int,
     ) -> None:
         with self._lock:
@@ -345,7 +340,6 @@ class Importer:
             s = self.stats
             s.listed += listed
             s.skipped += skipped
-            s.markers += markers
             s.bytes += nbytes
             s.created += result.created
             s.updated += result.updated

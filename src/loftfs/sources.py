@@ -31,6 +31,8 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -42,6 +44,7 @@ from loftfs.errors import ConfigError, ObjectNotFound
 from loftfs.meta.interface import Meta
 from loftfs.meta.txn import SETTING_SOURCES
 from loftfs.object.interface import ObjectStore
+from loftfs.object.s3 import parse_s3_url
 
 SOURCES_FORMAT = 1
 KEY_OBJECT = ".loftfs-sources-key"
@@ -117,20 +120,9 @@ def split_source_url(url: str) -> tuple[str, str]:
             f"invalid source URL {url!r}: use s3://bucket[/prefix], "
             "http(s)://host:port/bucket[/prefix] or file:///dir"
         )
-    if parts.query or parts.fragment or "@" in parts.netloc:
-        raise ConfigError(
-            f"invalid source URL {url!r}: no credentials, '?' or '#' part in a source URL"
-        )
-    if scheme == "s3":
-        bucket, _, rest = (parts.netloc + parts.path).partition("/")
-        base = f"s3://{bucket}"
-    else:
-        bucket, _, rest = parts.path.lstrip("/").partition("/")
-        base = f"{scheme}://{parts.netloc}/{bucket}"
-    if not bucket:
-        raise ConfigError(f"invalid source URL {url!r}: no bucket")
-    prefix = rest.strip("/")
-    return base, (prefix + "/" if prefix else "")
+    # bucket names, endpoints, credentials in the URL: checked as for a volume's own bucket
+    location = parse_s3_url(text)
+    return location.describe().rstrip("/"), location.prefix
 
 
 def normalize_source_url(url: str) -> str:
@@ -290,6 +282,24 @@ def open_source_store(
     return create_storage("s3", base, metrics=metrics, **options)
 
 
+def open_source(
+    source: Source,
+    volume_uuid: str,
+    volume_store: Callable[[], AbstractContextManager[ObjectStore]],
+    *,
+    metrics: Any = None,
+) -> ObjectStore:
+    """``open_source_store`` with the source's stored credentials unsealed; ``volume_store``
+    gives the volume's own store (where the sealing key is), asked for only when the source
+    has stored credentials."""
+    credentials: dict[str, str] = {}
+    if source.credentials:
+        with volume_store() as store:
+            key = sealing_key(store, volume_uuid, create=False)
+        credentials = unseal_credentials(key, volume_uuid, source)
+    return open_source_store(source, credentials, metrics=metrics)
+
+
 class SourceStores:
     """The open stores of a volume's sources, by id, opened on first use (thread-safe). The
     table is read again when an unknown id is asked for (a source added after the mount)."""
@@ -317,9 +327,8 @@ class SourceStores:
             source = self._table.by_id(source_id)
             if source is None:
                 raise ConfigError(f"source #{source_id} is not registered in this volume")
-            key = sealing_key(self.volume_store, self.uuid, create=False)
-            store = open_source_store(
-                source, unseal_credentials(key, self.uuid, source), metrics=self.metrics
+            store = open_source(
+                source, self.uuid, lambda: nullcontext(self.volume_store), metrics=self.metrics
             )
             self._stores[source_id] = (source, store)
             return source, store

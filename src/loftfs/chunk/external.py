@@ -13,7 +13,6 @@ external data are as coherent as native ones.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -23,8 +22,6 @@ from loftfs.meta.interface import Meta
 from loftfs.meta.types import ExtObject
 from loftfs.object.interface import ObjectInfo, ObjectStore, ObjectStoreWrapper
 from loftfs.sources import SourceStores
-
-log = logging.getLogger(__name__)
 
 RECORD_CACHE = 100_000  # external records kept in memory (about 200 bytes each)
 _MARK = "/ext/"

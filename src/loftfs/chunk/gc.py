@@ -20,7 +20,6 @@ class GCStats:
     blocks: int = 0
     bytes: int = 0
     failed: int = 0  # slices whose blocks could not all be deleted (they stay queued)
-    external: int = 0  # external slices forgotten (their source objects are never touched)
 
 
 class BlockGC:
@@ -66,7 +65,6 @@ class BlockGC:
             for slice_id, size in batch:
                 if slice_id in external:
                     done.append(slice_id)
-                    stats.external += 1
                     continue
                 keys = block_keys(self.uuid, slice_id, size, self.block_size)
                 try:

@@ -40,11 +40,11 @@ from loftfs.sources import (
     check_source_name,
     load_sources,
     normalize_source_url,
+    open_source,
     open_source_store,
     save_sources,
     seal_credentials,
     sealing_key,
-    unseal_credentials,
 )
 from loftfs.utils import format_size
 
@@ -229,16 +229,12 @@ def source_ls(
     if not rows:
         say(f"Volume '{settings.name}' has no sources")
         return
+    columns = ("name", "id", "url", "endpoint", "credentials", "files", "added")
     table_out = Table(title=f"Sources of volume '{settings.name}'")
-    for col in ("name", "id", "url", "endpoint", "credentials", "files", "added"):
+    for col in columns:
         table_out.add_column(col if col != "files" else "external slices")
     for r in rows:
-        table_out.add_row(
-            *(
-                cell(r[c])
-                for c in ("name", "id", "url", "endpoint", "credentials", "files", "added")
-            )
-        )
+        table_out.add_row(*(cell(r[c]) for c in columns))
     print_table(table_out)
 
 
@@ -419,13 +415,11 @@ def import_cmd(
                     "directory is listed from the source when first used"
                 )
             return
-        creds: dict[str, str] = {}
-        if source.credentials:
-            with _volume_store(settings, encrypt_passphrase_file, encrypt_key_file) as vstore:
-                creds = unseal_credentials(
-                    sealing_key(vstore, settings.uuid, create=False), settings.uuid, source
-                )
-        store = open_source_store(source, creds)
+        store = open_source(
+            source,
+            settings.uuid,
+            lambda: _volume_store(settings, encrypt_passphrase_file, encrypt_key_file),
+        )
         prefix = source.prefix + (sub + "/" if sub else "")
         threads = threads or (2 if source.kind == "file" else 16)
         opts = ImportOptions(
