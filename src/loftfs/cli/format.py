@@ -3,6 +3,10 @@
 Everything that can be checked is checked before anything is written: the name, the sizes, that
 no volume exists at the metadata URL, that the bucket accepts put/get/list/delete and holds no
 other volume. Only then the bucket marker and the metadata are written.
+
+``format_volume`` does the same for programs (the control plane formats the volumes it
+provisions through it); ``format_cmd`` adds the command line: flags, ``--if-missing`` and the
+summary table.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated
 
@@ -36,6 +41,7 @@ from loftfs.errors import (
     ObjectStoreError,
     VolumeExists,
 )
+from loftfs.meta import Meta
 from loftfs.meta.types import CHUNK_SIZE, VolumeSettings
 from loftfs.object import marker_key
 from loftfs.object.encrypt import (
@@ -70,7 +76,7 @@ def validate_name(name: str) -> str:
     return name
 
 
-def validate_block_size(text: str) -> int:
+def validate_block_size(text: str | int) -> int:
     size = parse_size(text)
     if size < MIN_BLOCK_SIZE or size > MAX_BLOCK_SIZE or size & (size - 1):
         raise ConfigError(
@@ -322,8 +328,6 @@ def format_cmd(
     ] = None,
 ) -> None:
     """Create a volume: settings in META_URL, data objects in the bucket."""
-    from loftfs.object import create_storage
-
     storage = infer_storage(storage.lower(), bucket)
     storage_options, stored_options = storage_flags(
         storage,
@@ -344,55 +348,161 @@ def format_cmd(
         check_new_secret(secret)
 
     with meta_session(meta_url) as meta:
-        try:
-            existing = meta.load_settings()
-        except NotFormatted:
-            existing = None
+        existing = _existing_settings(meta)
         if existing is not None:
             _report_existing(existing, meta_url, name, storage, bucket, if_missing, secret)
             return
-
-        store = create_storage(storage, bucket, compress="none", **storage_options)
-        try:
-            check_storage(store)
-            others = existing_volumes(store)
-            if others:
-                volume_uuid, info = others[0]
-                label = f"'{info['name']}' " if info.get("name") else ""
-                raise ConfigError(
-                    f"bucket {store.describe()} already holds volume {label}({volume_uuid}); "
-                    "use another bucket, or 'loft destroy' that volume first"
-                )
-            settings = VolumeSettings(
-                name=name,
-                storage=storage,
-                bucket=bucket,
-                block_size=block,
-                compress=compress.value,
-                capacity=quota,
-                inodes=inodes,
-                trash_days=trash_days,
-                created_ns=time.time_ns(),
-                storage_options=stored_options,
-            )
-            if secret is not None:
-                settings.encryption, _ = new_record(secret, settings.uuid)
-            marker = marker_key(settings.uuid)
-            try:
-                store.put(marker, marker_content(settings, meta_url))
-            except (ObjectStoreError, OSError) as e:
-                raise _storage_error(store.describe(), e) from e
-            try:
-                meta.init_volume(settings)
-            except BaseException:
-                _forget_marker(store, marker)
-                raise
-            storage_desc = store.describe()
-        finally:
-            store.close()
+        settings, storage_desc = _create_volume(
+            meta,
+            meta_url,
+            name,
+            storage=storage,
+            bucket=bucket,
+            storage_options=storage_options,
+            stored_options=stored_options,
+            secret=secret,
+            block_size=block,
+            compress=compress.value,
+            capacity=quota,
+            inodes=inodes,
+            trash_days=trash_days,
+        )
 
     say(f"Formatted volume {name}")
     print_table(kv_table("", summary_rows(settings, meta_url, storage_desc)))
+
+
+def format_volume(
+    meta_url: str,
+    name: str,
+    *,
+    bucket: str,
+    storage: str = "file",
+    storage_options: Mapping[str, object] | None = None,
+    stored_options: Mapping[str, object] | None = None,
+    secret: VolumeSecret | None = None,
+    block_size: int = 4 << 20,
+    compress: str = "none",
+    capacity: int = 0,
+    inodes: int = 0,
+    trash_days: int = 0,
+) -> VolumeSettings:
+    """Create a volume as ``loft format`` does, for programs: the same checks before anything
+    is written (name, sizes, no volume at ``meta_url``, a working bucket that holds no other
+    volume), then the bucket marker and the metadata. ``storage_options`` open the store
+    (credentials, endpoint, region); ``stored_options`` are kept in the settings for mounts.
+    With ``secret`` the volume is encrypted under a fresh data key that it wraps. Returns the
+    settings written; raises ``ConfigError`` for bad input or an unusable bucket,
+    ``VolumeExists`` when ``meta_url`` holds a volume already (nothing is changed then), and
+    the engine's errors (``MetaUnavailable``...) as they come."""
+    storage = infer_storage(storage.lower(), bucket)
+    validate_name(name)
+    block = validate_block_size(block_size)
+    if compress not in {c.value for c in Compression}:
+        raise ConfigError(
+            f"unknown compression {compress!r} (use {', '.join(c.value for c in Compression)})"
+        )
+    non_negative(capacity, "capacity")
+    non_negative(inodes, "inodes")
+    non_negative(trash_days, "trash_days")
+    bucket = normalize_bucket(storage, bucket)
+    if secret is not None:
+        check_new_secret(secret)
+    with meta_session(meta_url) as meta:
+        existing = _existing_settings(meta)
+        if existing is not None:
+            raise VolumeExists(_exists_message(existing, meta_url))
+        settings, _ = _create_volume(
+            meta,
+            meta_url,
+            name,
+            storage=storage,
+            bucket=bucket,
+            storage_options=dict(storage_options or {}),
+            stored_options=dict(stored_options or {}),
+            secret=secret,
+            block_size=block,
+            compress=compress,
+            capacity=capacity,
+            inodes=inodes,
+            trash_days=trash_days,
+        )
+    return settings
+
+
+def _existing_settings(meta: Meta) -> VolumeSettings | None:
+    try:
+        return meta.load_settings()
+    except NotFormatted:
+        return None
+
+
+def _exists_message(existing: VolumeSettings, meta_url: str) -> str:
+    return (
+        f"a volume ('{existing.name}', {existing.uuid}) already exists at "
+        f"{redact_url(meta_url)}; nothing was changed"
+    )
+
+
+def _create_volume(
+    meta: Meta,
+    meta_url: str,
+    name: str,
+    *,
+    storage: str,
+    bucket: str,
+    storage_options: dict[str, object],
+    stored_options: dict[str, object],
+    secret: VolumeSecret | None,
+    block_size: int,
+    compress: str,
+    capacity: int,
+    inodes: int,
+    trash_days: int,
+) -> tuple[VolumeSettings, str]:
+    """Check the bucket, then write the marker and the metadata of a volume whose input was
+    validated and whose metadata URL holds none. Returns the settings and the store's
+    description. A failed metadata write takes the marker back."""
+    from loftfs.object import create_storage
+
+    store = create_storage(storage, bucket, compress="none", **storage_options)
+    try:
+        check_storage(store)
+        others = existing_volumes(store)
+        if others:
+            volume_uuid, info = others[0]
+            label = f"'{info['name']}' " if info.get("name") else ""
+            raise ConfigError(
+                f"bucket {store.describe()} already holds volume {label}({volume_uuid}); "
+                "use another bucket, or 'loft destroy' that volume first"
+            )
+        settings = VolumeSettings(
+            name=name,
+            storage=storage,
+            bucket=bucket,
+            block_size=block_size,
+            compress=compress,
+            capacity=capacity,
+            inodes=inodes,
+            trash_days=trash_days,
+            created_ns=time.time_ns(),
+            storage_options=stored_options,
+        )
+        if secret is not None:
+            settings.encryption, _ = new_record(secret, settings.uuid)
+        marker = marker_key(settings.uuid)
+        try:
+            store.put(marker, marker_content(settings, meta_url))
+        except (ObjectStoreError, OSError) as e:
+            raise _storage_error(store.describe(), e) from e
+        try:
+            meta.init_volume(settings)
+        except BaseException:
+            _forget_marker(store, marker)
+            raise
+        return settings, store.describe()
+    finally:
+        store.close()
 
 
 def _forget_marker(store: ObjectStore, marker: str) -> None:
@@ -414,10 +524,7 @@ def _report_existing(
 ) -> None:
     where = redact_url(meta_url)
     if not if_missing:
-        raise VolumeExists(
-            f"a volume ('{existing.name}', {existing.uuid}) already exists at {where}; "
-            "nothing was changed"
-        )
+        raise VolumeExists(_exists_message(existing, meta_url))
     if (existing.name, existing.storage, existing.bucket) != (name, storage, bucket):
         raise LoftError(
             f"a different volume ('{existing.name}' on {existing.storage} {existing.bucket}) "

@@ -103,6 +103,13 @@ def _locate(path: str) -> tuple[str, str, int]:
     record = read_mount_record(root)
     if record is None:
         raise LoftError(f"no mount record for {root} (is its mount process still running?)")
+    from loftfs.plane.mountspec import CONTROL_PREFIX
+
+    if record.meta_url.startswith(CONTROL_PREFIX):
+        raise LoftError(
+            f"{root} is mounted through the control plane ({record.meta_url}): its metadata "
+            "credentials stay inside the mount process, so 'loft info' cannot open the volume"
+        )
     return root, record.meta_url, st.st_ino
 
 

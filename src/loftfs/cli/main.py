@@ -22,6 +22,15 @@ from loftfs.cli.load import load_cmd
 from loftfs.cli.materialize import materialize_cmd
 from loftfs.cli.mount import mount_cmd
 from loftfs.cli.objbench import objbench_cmd
+from loftfs.cli.plane import (
+    audit_cmd,
+    nodegroup_app,
+    plane_app,
+    serve_cmd,
+    tenant_app,
+    token_app,
+    volume_app,
+)
 from loftfs.cli.source import import_cmd, source_app
 from loftfs.cli.stats import stats_cmd
 from loftfs.cli.status import status_cmd
@@ -84,6 +93,13 @@ app.command("warmup")(warmup_cmd)
 app.command("import")(import_cmd)
 app.command("materialize")(materialize_cmd)
 app.add_typer(source_app, name="source")
+app.command("serve")(serve_cmd)
+app.add_typer(plane_app, name="plane")
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(volume_app, name="volume")
+app.add_typer(token_app, name="token")
+app.add_typer(nodegroup_app, name="nodegroup")
+app.command("audit")(audit_cmd)
 
 
 if __name__ == "__main__":

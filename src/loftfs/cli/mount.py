@@ -8,6 +8,7 @@ parent's exit status then tells the truth about the mount, which scripts and age
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import select
 import signal
@@ -28,6 +29,7 @@ from loftfs.cli.common import (
 from loftfs.errors import ConfigError, LoftError
 from loftfs.metrics import parse_listen_address
 from loftfs.object.encrypt import ENV_PASSPHRASE, VolumeSecret, secret_from_sources
+from loftfs.plane.mountspec import ControlSpec, fetch_spec
 from loftfs.utils import parse_size
 from loftfs.vfs.options import FUSE_BINDINGS, MountOptions, default_cache_dir
 
@@ -35,6 +37,14 @@ _DEFAULTS = MountOptions()
 READY = b"ready"
 ERROR_PREFIX = b"error "
 SYSTEM_LOG_DIR = "/var/log/loftfs"
+# what a control-plane mount's child must not inherit: its spec comes through a pipe
+_CONTROL_ENV = (
+    ENV_PASSPHRASE,
+    "LOFT_TOKEN",
+    "LOFT_ACCESS_KEY",
+    "LOFT_SECRET_KEY",
+    "LOFT_SESSION_TOKEN",
+)
 
 
 def mountpoint_slug(mountpoint: str) -> str:
@@ -157,6 +167,7 @@ def child_args(
     ready_fd: int,
     *,
     secret_fd: int | None = None,
+    spec_fd: int | None = None,
 ) -> list[str]:
     """The foreground command the background mount runs, with every option spelled out. An
     encrypted volume's secret travels through the pipe ``secret_fd``, never on the command
@@ -209,15 +220,18 @@ def child_args(
         args += ["-o", ",".join(opts.fuse_options)]
     if secret_fd is not None:
         args += ["--secret-fd", str(secret_fd)]
+    if spec_fd is not None:
+        args += ["--spec-fd", str(spec_fd)]
     return args
 
 
-def _secret_pipe(secret: VolumeSecret) -> int:
-    """A pipe already holding the secret and closed for writing; returns its read end. The
-    secret is far below the pipe's buffer, so the write never blocks."""
+def _secret_pipe(payload: bytes) -> int:
+    """A pipe already holding ``payload`` (a secret, a control-plane mount spec) and closed for
+    writing; returns its read end. The payload is far below the pipe's buffer, so the write
+    never blocks."""
     read_fd, write_fd = os.pipe()
     try:
-        os.write(write_fd, secret.to_wire())
+        os.write(write_fd, payload)
     except BaseException:
         os.close(read_fd)
         raise
@@ -228,16 +242,20 @@ def _secret_pipe(secret: VolumeSecret) -> int:
 
 def read_secret_fd(fd: int) -> VolumeSecret:
     """The secret the parent of a background mount wrote into pipe ``fd`` (then closed)."""
+    return VolumeSecret.from_wire(_read_pipe(fd, "the volume secret"))
+
+
+def _read_pipe(fd: int, what: str) -> bytes:
     chunks = []
     try:
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
     except OSError as e:
-        raise ConfigError(f"cannot read the volume secret from fd {fd}: {e.strerror}") from None
+        raise ConfigError(f"cannot read {what} from fd {fd}: {e.strerror}") from None
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)
-    return VolumeSecret.from_wire(b"".join(chunks))
+    return b"".join(chunks)
 
 
 def _last_log_line(log_path: str) -> str:
@@ -301,8 +319,11 @@ def mount_in_background(
     log_path: str,
     ready_timeout: float,
     secret: VolumeSecret | None = None,
+    spec: ControlSpec | None = None,
 ) -> int:
-    """Start the mount as a detached child; return its pid once the mount answers."""
+    """Start the mount as a detached child; return its pid once the mount answers. With a
+    control-plane ``spec`` the child gets it (secrets included) through a pipe: its command
+    line names only the volume, its environment holds no credential."""
     log_path = os.path.abspath(log_path)
     try:
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -313,15 +334,19 @@ def mount_in_background(
     secret_fd = -1
     try:
         with log_file:
-            if secret is not None:
-                secret_fd = _secret_pipe(secret)
+            if spec is not None:
+                secret_fd = _secret_pipe(spec.to_wire())
+            elif secret is not None:
+                secret_fd = _secret_pipe(secret.to_wire())
+            hidden = _CONTROL_ENV if spec is not None else (ENV_PASSPHRASE,)
             child = subprocess.Popen(
                 child_args(
-                    meta_url,
+                    spec.label if spec is not None else meta_url,
                     mountpoint,
                     opts,
                     write_fd,
-                    secret_fd=secret_fd if secret_fd >= 0 else None,
+                    secret_fd=secret_fd if secret_fd >= 0 and spec is None else None,
+                    spec_fd=secret_fd if secret_fd >= 0 and spec is not None else None,
                 ),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
@@ -329,7 +354,7 @@ def mount_in_background(
                 pass_fds=(write_fd, secret_fd) if secret_fd >= 0 else (write_fd,),
                 # the passphrase, if any, went into the pipe: the long-lived process's
                 # environment (/proc/PID/environ) does not keep a copy
-                env={k: v for k, v in os.environ.items() if k != ENV_PASSPHRASE},
+                env={k: v for k, v in os.environ.items() if k not in hidden},
                 start_new_session=True,  # the caller's cwd is kept: URLs may be relative
                 close_fds=True,
             )
@@ -400,6 +425,7 @@ def run_foreground(
     opts: MountOptions,
     ready_fd: int | None,
     secret: VolumeSecret | None = None,
+    record_url: str | None = None,
 ) -> None:
     """Serve the mount in this process; tell the waiting parent (if any) how it went."""
     from loftfs.fuse.mount import run_mount
@@ -410,7 +436,9 @@ def run_foreground(
         pipe.send(READY)
 
     try:
-        run_mount(meta_url, mountpoint, opts, on_ready=on_ready, secret=secret)
+        run_mount(
+            meta_url, mountpoint, opts, on_ready=on_ready, secret=secret, record_url=record_url
+        )
     except LoftError as e:
         pipe.send(ERROR_PREFIX + one_line(str(e)).encode())
         raise
@@ -591,10 +619,38 @@ def mount_cmd(
             "--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics there"
         ),
     ] = "",
+    control: Annotated[
+        str | None,
+        typer.Option(
+            "--control",
+            metavar="URL",
+            help="Mount through the control plane at URL: META_URL is then TENANT/VOLUME, and "
+            "the volume's metadata URL, storage keys and encryption key come from the API",
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="LOFT_TOKEN",
+            show_envvar=True,
+            help="With --control: a mount token of the volume (or a tenant-admin token); "
+            "prefer the environment variable, which no process list shows",
+        ),
+    ] = None,
+    ca_file: Annotated[
+        str | None,
+        typer.Option("--ca-file", metavar="FILE", help="With --control: CA of the API's TLS"),
+    ] = None,
     ready_fd: Annotated[int | None, typer.Option("--ready-fd", hidden=True)] = None,
     secret_fd: Annotated[int | None, typer.Option("--secret-fd", hidden=True)] = None,
+    spec_fd: Annotated[int | None, typer.Option("--spec-fd", hidden=True)] = None,
 ) -> None:
-    """Mount a volume. Runs until unmounted ('loft umount'); with -d, in the background."""
+    """Mount a volume. Runs until unmounted ('loft umount'); with -d, in the background.
+
+    With --control URL, META_URL is TENANT/VOLUME and everything else comes from the control
+    plane: 'loft mount --control https://plane:8600 acme/train /mnt/train' (token in LOFT_TOKEN).
+    """
     opts = build_options(
         buffer_size=buffer_size,
         upload_threads=upload_threads,
@@ -615,21 +671,45 @@ def mount_cmd(
         writeback=writeback,
         metrics=metrics,
     )
-    meta_url = absolute_meta_url(meta_url)
-    export_storage_credentials(access_key, secret_key, session_token)
+    spec: ControlSpec | None = None
     secret: VolumeSecret | None
-    if secret_fd is not None:  # the background child: the parent read the secret already
-        secret = read_secret_fd(secret_fd)
+    if spec_fd is not None:  # the background child of a control-plane mount
+        spec = ControlSpec.from_wire(_read_pipe(spec_fd, "the mount spec"))
+    elif control is not None:
+        if access_key or secret_key or session_token or encrypt_passphrase_file or encrypt_key_file:
+            raise ConfigError(
+                "--control mounts take the storage keys and the encryption key from the "
+                "control plane: drop --access-key/--secret-key/--session-token/--encrypt-*"
+            )
+        spec = fetch_spec(control, token, meta_url, read_only=read_only, ca_file=ca_file)
+    if spec is not None:
+        if spec.read_only and not opts.read_only:
+            opts = dataclasses.replace(opts, read_only=True)
+        if opts.read_only and opts.writeback:
+            raise ConfigError("this mount is read-only (its token is): --writeback cannot apply")
+        secret = spec.secret
+        meta_url = spec.meta_url
     else:
-        secret = secret_from_sources(encrypt_passphrase_file, encrypt_key_file)
+        meta_url = absolute_meta_url(meta_url)
+        export_storage_credentials(access_key, secret_key, session_token)
+        if secret_fd is not None:  # the background child: the parent read the secret already
+            secret = read_secret_fd(secret_fd)
+        else:
+            secret = secret_from_sources(encrypt_passphrase_file, encrypt_key_file)
     if background:
         if ready_timeout <= 0:
             raise ConfigError(f"--ready-timeout must be more than 0, not {ready_timeout}")
         log_path = log or default_log_path(mountpoint)
-        pid = mount_in_background(meta_url, mountpoint, opts, log_path, ready_timeout, secret)
+        pid = mount_in_background(
+            meta_url, mountpoint, opts, log_path, ready_timeout, secret, spec=spec
+        )
         say(
             f"Mounted at {os.path.abspath(mountpoint)} (pid {pid}, log {os.path.abspath(log_path)})"
         )
         return
     setup_logging(log)
-    run_foreground(meta_url, mountpoint, opts, ready_fd, secret)
+    if spec is not None:
+        spec.apply_env()
+    run_foreground(
+        meta_url, mountpoint, opts, ready_fd, secret, record_url=spec.label if spec else None
+    )

@@ -185,8 +185,11 @@ def run_mount(
     *,
     on_ready: Callable[[], None] | None = None,
     secret: VolumeSecret | None = None,
+    record_url: str | None = None,
 ) -> None:
     """Mount the volume at ``meta_url`` on ``mountpoint`` and serve until unmounted.
+    ``record_url`` is what the mount record keeps instead of ``meta_url`` (a control-plane
+    mount records ``control:TENANT/VOLUME``: its metadata credentials stay in memory).
 
     Bad input raises ``LoftError`` subclasses before anything is mounted: an encrypted volume
     without its ``secret``, or with a wrong one, included. SIGTERM, SIGINT and SIGHUP unmount
@@ -234,7 +237,7 @@ def run_mount(
     def announce_mounted() -> None:
         nonlocal record
         record = _write_record(
-            MountRecord(os.getpid(), meta_url, real, settings.name, settings.uuid)
+            MountRecord(os.getpid(), record_url or meta_url, real, settings.name, settings.uuid)
         )
         log.info(
             "volume %s (%s) mounted at %s (%s binding)",

@@ -233,6 +233,9 @@ class MetaCore(Meta):
         self._settings_cache, self._settings_at = settings, time.monotonic()
         return settings
 
+    def recent_settings(self) -> VolumeSettings:
+        return self._settings()
+
     def _check_space(self, tx: Txn, delta: int) -> None:
         """ENOSPC when growing usage by ``delta`` bytes would pass the capacity quota."""
         if delta <= 0:

@@ -45,6 +45,11 @@ class Meta(ABC):
         """The volume's settings; raises ``NotFormatted`` when there is no volume."""
 
     @abstractmethod
+    def recent_settings(self) -> VolumeSettings:
+        """The settings as of at most a few seconds ago (cached): quotas changed by another
+        client (``loft config``, the control plane) reach every mount this way."""
+
+    @abstractmethod
     def update_settings(self, settings: VolumeSettings) -> None:
         """Replace the stored settings (``loft config``); the uuid must not change."""
 

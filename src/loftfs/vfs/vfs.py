@@ -403,7 +403,7 @@ class VFS:
         if not buf:
             return 0
         self._check_writable()
-        capacity = self.settings.capacity
+        capacity = self.meta.recent_settings().capacity
         if capacity and offset + len(buf) > capacity:
             # A file can never be larger than the volume; the quota check at commit covers the
             # rest (ENOSPC surfaces at fsync/close then).
