@@ -242,19 +242,29 @@ def test_volume_from_one_call_mounts_with_a_scoped_token(served: Served) -> None
             data[i : i + len(big)] == big[: len(data) - i] for i in range(0, len(data), len(big))
         )
         os.unlink(mnt / "fill.bin")
-        # raising the quota reaches the running mount within seconds
-        s.api("PATCH", "/v1/tenants/acme/volumes/train", body={"capacity": 0})
+        # a changed quota reaches the running mount within seconds: no capacity limit any
+        # more, and an inode quota 5 above what is used
+        used = s.api("GET", "/v1/tenants/acme/usage?refresh=true")["volumes"]
+        inodes = next(v for v in used if v["name"] == "train")["inodes"]
+        s.api("PATCH", "/v1/tenants/acme/volumes/train", body={"capacity": 0, "inodes": inodes + 5})
         time.sleep(6)
         with open(mnt / "fill.bin", "wb") as f:
             for _ in range(80):
                 f.write(big)
         assert (mnt / "fill.bin").stat().st_size == 80 << 20
         os.unlink(mnt / "fill.bin")
+        made = 0
+        with pytest.raises(OSError) as info:
+            for i in range(10):
+                (mnt / f"n{i}").write_text("x")
+                made += 1
+        assert info.value.errno in (errno.ENOSPC, errno.EDQUOT) and 4 <= made <= 5
+        s.api("PATCH", "/v1/tenants/acme/volumes/train", body={"inodes": 0})
 
         # usage is refreshed from the volume
         usage = s.api("GET", "/v1/tenants/acme/usage?refresh=true")
         train = next(v for v in usage["volumes"] if v["name"] == "train")
-        assert train["inodes"] >= 52 and train["bytes"] >= len(payload) and train["objects"] >= 1
+        assert train["inodes"] >= 56 and train["bytes"] >= len(payload) and train["objects"] >= 1
     finally:
         umount(mnt)
 

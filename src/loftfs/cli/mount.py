@@ -29,6 +29,7 @@ from loftfs.cli.common import (
 from loftfs.errors import ConfigError, LoftError
 from loftfs.metrics import parse_listen_address
 from loftfs.object.encrypt import ENV_PASSPHRASE, VolumeSecret, secret_from_sources
+from loftfs.plane import ENV_TOKEN
 from loftfs.plane.mountspec import ControlSpec, fetch_spec
 from loftfs.utils import parse_size
 from loftfs.vfs.options import FUSE_BINDINGS, MountOptions, default_cache_dir
@@ -40,7 +41,7 @@ SYSTEM_LOG_DIR = "/var/log/loftfs"
 # what a control-plane mount's child must not inherit: its spec comes through a pipe
 _CONTROL_ENV = (
     ENV_PASSPHRASE,
-    "LOFT_TOKEN",
+    ENV_TOKEN,
     "LOFT_ACCESS_KEY",
     "LOFT_SECRET_KEY",
     "LOFT_SESSION_TOKEN",
@@ -632,7 +633,7 @@ def mount_cmd(
         str | None,
         typer.Option(
             "--token",
-            envvar="LOFT_TOKEN",
+            envvar=ENV_TOKEN,
             show_envvar=True,
             help="With --control: a mount token of the volume (or a tenant-admin token); "
             "prefer the environment variable, which no process list shows",

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -34,9 +34,12 @@ from loftfs.cli.common import (
     stdout_console,
 )
 from loftfs.errors import ConfigError, LoftError
-from loftfs.plane.client import ENV_CONTROL_URL, ENV_TOKEN, PlaneClient, connect
+from loftfs.plane import ENV_CONTROL_URL, ENV_TOKEN
 from loftfs.plane.config import parse_duration
 from loftfs.utils import format_size, parse_size
+
+if TYPE_CHECKING:
+    from loftfs.plane.client import PlaneClient
 
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -113,6 +116,8 @@ StateDirOpt = Annotated[
 
 
 def _client(control: str | None, token: str | None, ca_file: str | None) -> PlaneClient:
+    from loftfs.plane.client import connect  # httpx: imported by the commands that use it
+
     return connect(control, token, ca_file=ca_file)
 
 

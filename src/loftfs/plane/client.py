@@ -17,9 +17,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from loftfs.errors import ConfigError, LoftError
-
-ENV_CONTROL_URL = "LOFT_CONTROL_URL"
-ENV_TOKEN = "LOFT_TOKEN"
+from loftfs.plane import ENV_CONTROL_URL, ENV_TOKEN
 
 DEFAULT_TIMEOUT_S = 30.0
 
