@@ -165,6 +165,53 @@ def test_grace_period_purge_by_the_worker(api: Api) -> None:
     assert purge["actor"] == "system"
 
 
+def test_an_abandoned_creation_is_removed(api: Api) -> None:
+    """A control plane killed half way through a creation left its pieces and a "creating"
+    row: the worker removes both once the row is old enough, and the name is free again."""
+    from loftfs.plane.provision import VolumeSpec
+
+    tenant = api.ok("POST", "/v1/tenants", api.operator, {"name": "acme"})
+    volume_id = "v" + "ab" * 8
+    secrets, _ = api.plane.provisioner.create_volume(
+        VolumeSpec(volume_id=volume_id, name="half", engine="sqlite")
+    )
+    pieces = [Path(secrets.bucket), Path(secrets.meta_url.split("://", 1)[1].split("?")[0])]
+    assert all(p.exists() for p in pieces)
+    with api.plane.db.session() as s:
+        s.add(
+            Volume(
+                id=volume_id,
+                tenant_id=tenant["id"],
+                name="half",
+                engine="sqlite",
+                state="creating",
+                block_size=4 << 20,
+                compress="none",
+                created_at=utcnow() - dt.timedelta(seconds=60),
+                updated_at=utcnow(),
+            )
+        )
+    api.plane._sweep_abandoned()  # too young: another process may still be creating it
+    assert all(p.exists() for p in pieces)
+    assert (
+        api.call("POST", "/v1/tenants/acme/volumes", api.operator, {"name": "half"}).status_code
+        == 409
+    )
+    with api.plane.db.session() as s:
+        v = s.get(Volume, volume_id)
+        assert v is not None
+        v.created_at = utcnow() - dt.timedelta(hours=1)
+    api.plane._sweep_abandoned()
+    assert not any(p.exists() for p in pieces)
+    assert (
+        api.ok("GET", "/v1/audit?action=volume.abandoned", api.operator)[0]["target"] == "acme/half"
+    )
+    assert (
+        api.ok("POST", "/v1/tenants/acme/volumes", api.operator, {"name": "half"})["state"]
+        == "active"
+    )
+
+
 def test_tenant_admin_cannot_reach_another_tenant(api: Api, two_tenants: dict[str, str]) -> None:
     a = two_tenants["a_admin"]
     b_token = api.ok("GET", "/v1/tokens?tenant=bravo", api.operator)[0]["id"]

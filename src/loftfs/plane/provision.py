@@ -744,6 +744,23 @@ class Provisioner:
 
     # --- destroy -----------------------------------------------------------------------------
 
+    def leftovers(self, volume_id: str, engine: str) -> VolumeSecrets:
+        """What ``destroy_volume`` needs to remove the pieces of a creation that never finished
+        (its control plane died half way, before it stored the secrets): every piece is named
+        by the volume id, so none of its passwords are needed to find and remove it."""
+        storage = self._storage_for(volume_id)
+        admin = {"volume_id": volume_id, "engine": engine}
+        if storage.own_bucket:
+            admin["own_bucket"] = storage.own_bucket
+        return VolumeSecrets(
+            meta_url="",
+            storage=storage.kind,
+            bucket=storage.bucket,
+            storage_options=dict(storage.options),
+            data_key="",
+            admin=admin,
+        )
+
     def destroy_volume(self, secrets: VolumeSecrets) -> None:
         """Delete the volume's objects, its metadata, its credentials and its bucket (or
         directory). Each step accepts that it was done before: after a failure, run it again."""

@@ -25,6 +25,8 @@ from loftfs.plane.secrets import MasterKey, load_master_key
 
 log = logging.getLogger("loftfs.plane")
 
+ABANDONED_AFTER_S = 600.0  # a volume still "creating" after this was abandoned by its process
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and the record's ``fields``."""
@@ -83,7 +85,6 @@ class Plane:
         self.db.migrate()
         if check:
             self.provisioner.check()
-        self._forget_unfinished()
         if worker:
             self._worker = threading.Thread(target=self._run, name="plane-worker", daemon=True)
             self._worker.start()
@@ -95,13 +96,42 @@ class Plane:
             self._worker.join(timeout=30)
         self.db.close()
 
-    def _forget_unfinished(self) -> None:
-        """Rows of creations a previous process did not finish: the creation undid itself or
-        died; the name is free again (the audit log keeps the attempt)."""
+    def _sweep_abandoned(self) -> None:
+        """Creations that never finished (their process died half way): after
+        ``ABANDONED_AFTER_S`` (far longer than any creation takes, so another control plane
+        process that is still creating is never disturbed) the pieces made on the backends are
+        removed, found by the volume id, and the name is free again."""
+        cutoff = utcnow() - dt.timedelta(seconds=ABANDONED_AFTER_S)
         with self.db.session() as s:
-            for v in s.scalars(select(Volume).where(Volume.state == "creating")):
-                log.warning("forgetting volume %s (%s): its creation did not finish", v.name, v.id)
-                s.delete(v)
+            rows = [
+                (v.id, v.engine, v.name, v.tenant.name)
+                for v in s.scalars(
+                    select(Volume).where(Volume.state == "creating", Volume.created_at < cutoff)
+                )
+            ]
+        for volume_id, engine, name, tenant in rows:
+            from loftfs.plane.api import audit
+
+            try:
+                self.provisioner.destroy_volume(self.provisioner.leftovers(volume_id, engine))
+            except LoftError as e:
+                log.error("removing the pieces of abandoned volume %s failed: %s", volume_id, e)
+                continue
+            with self.db.session() as s:
+                v = s.get(Volume, volume_id)
+                if v is not None and v.state == "creating":
+                    s.delete(v)
+                    audit(
+                        s,
+                        None,
+                        "volume.abandoned",
+                        tenant=tenant,
+                        target=f"{tenant}/{name}",
+                        detail={"volume_id": volume_id},
+                    )
+            log.warning(
+                "volume %s/%s (%s): an unfinished creation was removed", tenant, name, volume_id
+            )
 
     # --- secrets -------------------------------------------------------------------------------
 
@@ -178,6 +208,7 @@ class Plane:
         next_usage = time.monotonic()
         while not self._stop.is_set():
             try:
+                self._sweep_abandoned()
                 self._purge_due()
                 if self._usage_due.is_set() or (interval > 0 and time.monotonic() >= next_usage):
                     self._usage_due.clear()
