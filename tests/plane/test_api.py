@@ -156,8 +156,10 @@ def test_grace_period_purge_by_the_worker(api: Api) -> None:
     assert api.ok("GET", "/v1/tenants/acme/volumes/scratch", api.operator)["state"] == "deleting"
     with api.plane.db.session() as s:
         (v,) = s.scalars(select(Volume))
-        v.delete_after = utcnow() - dt.timedelta(seconds=1)
-    api.plane._purge_due()
+        v.state = "purging"  # as a destruction that failed half way leaves it
+    r = api.call("POST", "/v1/tenants/acme/volumes/scratch/restore", api.operator)
+    assert r.status_code == 409 and "too late" in r.json()["detail"]
+    api.plane._purge_due()  # retried regardless of the grace
     assert api.call("GET", "/v1/tenants/acme/volumes/scratch", api.operator).status_code == 404
     actions = [e["action"] for e in api.ok("GET", "/v1/audit?tenant=acme", api.operator)]
     assert actions[:3] == ["volume.purge", "volume.delete", "volume.create"]

@@ -678,6 +678,8 @@ def create_app(plane: "Plane") -> FastAPI:
         not_mount(who)
         t = find_tenant(s, who, tenant)
         v = find_volume(s, who, t, volume)
+        if v.state == "purging":
+            raise _fail(409, f"volume {t.name}/{v.name} is being destroyed: too late to restore")
         if v.state == "deleting":
             v.state, v.delete_after, v.updated_at = "active", None, utcnow()
             audit(s, who, "volume.restore", tenant=t.name, target=f"{t.name}/{v.name}")

@@ -74,7 +74,7 @@ class Volume(Base):
     name: Mapped[str] = mapped_column(String(63))
     uuid: Mapped[str] = mapped_column(String(36), default="")
     engine: Mapped[str] = mapped_column(String(16))
-    # creating | active | deleting
+    # creating | active | deleting | purging
     state: Mapped[str] = mapped_column(String(16), default="creating")
     capacity: Mapped[int] = mapped_column(BigInteger, default=0)
     inodes: Mapped[int] = mapped_column(BigInteger, default=0)

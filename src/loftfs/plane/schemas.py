@@ -100,7 +100,7 @@ class VolumeOut(BaseModel):
     name: str
     uuid: str
     engine: Engine
-    state: Literal["creating", "active", "deleting"]
+    state: Literal["creating", "active", "deleting", "purging"]
     capacity: int
     inodes: int
     block_size: int

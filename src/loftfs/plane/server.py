@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 
 from loftfs.errors import ConfigError, LoftError
 from loftfs.plane.auth import OPERATOR, Principal
@@ -158,13 +158,15 @@ class Plane:
 
     def purge_volume(self, volume_id: str, who: Principal | None) -> bool:
         """Destroy a deleting volume's data, metadata and credentials, then forget it. False
-        when it is not (or no longer) being deleted."""
+        when it is not (or no longer) being deleted. The volume is marked ``purging`` first, so
+        a restore racing with the destruction is refused instead of reviving a husk."""
         from loftfs.plane.api import audit
 
         with self.db.session() as s:
             v = s.get(Volume, volume_id)
-            if v is None or v.state != "deleting":
+            if v is None or v.state not in ("deleting", "purging"):
                 return False
+            v.state = "purging"  # no restore from here on: the data is going
             secrets = self.unseal(v) if v.secrets else None
             tenant_name, name = v.tenant.name, v.name
         if secrets is not None:
@@ -224,7 +226,10 @@ class Plane:
             due = list(
                 s.scalars(
                     select(Volume.id).where(
-                        Volume.state == "deleting", Volume.delete_after <= utcnow()
+                        or_(
+                            and_(Volume.state == "deleting", Volume.delete_after <= utcnow()),
+                            Volume.state == "purging",  # a destroy that failed: again
+                        )
                     )
                 )
             )
