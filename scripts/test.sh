@@ -24,9 +24,25 @@ if [ $# -eq 0 ]; then
         tests/mount/test_posix_basic.py tests/mount/test_posix_model.py \
         tests/mount/test_mount_permissions.py tests/mount/test_file_locks.py \
         tests/mount/test_xattr_quota.py
+    # The two stack passes run side by side (each mostly waits on its servers and mounts; own
+    # servers, ports and mountpoints), their output shown once both are done.
+    pids=()
+    logs=()
     for stack in redis+s3 postgres+s3; do
-        echo "test: pytest tests/mount with LOFT_TEST_STACK=$stack"
-        LOFT_TEST_STACK=$stack .venv/bin/pytest -q -p no:cacheprovider -m "not slow" \
-            -k "not venv_and_pip and not python_stdlib and not tar_extract" tests/mount
+        log=$(mktemp)
+        logs+=("$log")
+        (
+            echo "test: pytest tests/mount with LOFT_TEST_STACK=$stack"
+            LOFT_TEST_STACK=$stack .venv/bin/pytest -q -p no:cacheprovider -m "not slow" \
+                -k "not venv_and_pip and not python_stdlib and not tar_extract" tests/mount
+        ) >"$log" 2>&1 &
+        pids+=($!)
     done
+    status=0
+    for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || status=1
+        cat "${logs[$i]}"
+        rm -f "${logs[$i]}"
+    done
+    exit $status
 fi
