@@ -25,24 +25,27 @@ if [ $# -eq 0 ]; then
         tests/mount/test_mount_permissions.py tests/mount/test_file_locks.py \
         tests/mount/test_xattr_quota.py
     # The two stack passes run side by side (each mostly waits on its servers and mounts; own
-    # servers, ports and mountpoints), their output shown once both are done.
+    # servers, ports and mountpoints), their output shown once both are done. Each has a temp
+    # root of its own: pytest resets the mode of its shared one at start, which would lock the
+    # other pass's PostgreSQL (running as the postgres user) out of its directory.
     pids=()
-    logs=()
+    dirs=()
     for stack in redis+s3 postgres+s3; do
-        log=$(mktemp)
-        logs+=("$log")
+        dir=$(mktemp -d /tmp/loftfs-stack.XXXXXX)
+        dirs+=("$dir")
         (
             echo "test: pytest tests/mount with LOFT_TEST_STACK=$stack"
             LOFT_TEST_STACK=$stack .venv/bin/pytest -q -p no:cacheprovider -m "not slow" \
+                --basetemp="$dir/tmp" \
                 -k "not venv_and_pip and not python_stdlib and not tar_extract" tests/mount
-        ) >"$log" 2>&1 &
+        ) >"$dir/log" 2>&1 &
         pids+=($!)
     done
     status=0
     for i in "${!pids[@]}"; do
         wait "${pids[$i]}" || status=1
-        cat "${logs[$i]}"
-        rm -f "${logs[$i]}"
+        cat "${dirs[$i]}/log"
+        rm -rf "${dirs[$i]}"
     done
     exit $status
 fi
