@@ -706,3 +706,15 @@ def test_tls_with_a_private_ca(tmp_path: Path) -> None:
         assert "bad.pem" in check_clean_error(
             loft("tenant", "ls", "--ca-file", str(bad_ca), env=env)
         )
+
+
+def test_serve_refuses_an_address_in_use(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = loft_process(
+            "serve", "--state-dir", str(tmp_path / "plane"), "--listen", f"127.0.0.1:{port}"
+        )
+    line = check_clean_error(run)
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in line

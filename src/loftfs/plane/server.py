@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import socket
 import sys
 import threading
 import time
@@ -270,6 +271,19 @@ def bootstrap_token(config: PlaneConfig, name: str = "bootstrap") -> str:
     return secret
 
 
+def _check_listen(host: str, port: int) -> None:
+    """A one-line error now, not a log line later, when the address cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {(e.strerror or str(e)).lower()}"
+            ) from None
+
+
 def serve(config: PlaneConfig) -> None:
     """Run the control plane until SIGTERM/SIGINT."""
     import uvicorn
@@ -281,6 +295,7 @@ def serve(config: PlaneConfig) -> None:
     tls = bool(config.server.tls_cert)
     if tls != bool(config.server.tls_key):
         raise ConfigError("give both tls_cert and tls_key (or neither)")
+    _check_listen(host, port)
     plane = Plane(config)
     plane.start()
     log.info(
