@@ -64,6 +64,15 @@ def _not_found(what: str, name: str) -> HTTPException:
     return _fail(404, f"{what} {name!r} not found")
 
 
+def insert(s: Session, row: object, conflict: str) -> None:
+    """Add ``row`` now; a unique key taken meanwhile (a concurrent create) is a 409."""
+    s.add(row)
+    try:
+        s.flush()
+    except IntegrityError:
+        raise _fail(409, conflict) from None
+
+
 def audit(
     s: Session,
     who: Principal | None,
@@ -429,11 +438,7 @@ def create_app(plane: "Plane") -> FastAPI:
             created_at=now,
             updated_at=now,
         )
-        s.add(t)
-        try:
-            s.flush()
-        except IntegrityError:
-            raise _fail(409, f"tenant {body.name!r} already exists") from None
+        insert(s, t, f"tenant {body.name!r} already exists")
         audit(s, who, "tenant.create", tenant=t.name, target=t.name, status=201)
         return tenant_out(s, t)
 
@@ -532,11 +537,7 @@ def create_app(plane: "Plane") -> FastAPI:
                 created_at=now,
                 updated_at=now,
             )
-            s.add(v)
-            try:
-                s.flush()
-            except IntegrityError:
-                raise _fail(409, f"volume {t.name}/{body.name} already exists") from None
+            insert(s, v, f"volume {t.name}/{body.name} already exists")
             tenant_name, volume_id = t.name, v.id
         try:
             secrets, volume_uuid = plane.create_volume(v)
