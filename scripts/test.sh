@@ -4,48 +4,71 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-bash scripts/setup.sh --test
-echo "test: ruff check"
-.venv/bin/ruff check .
-echo "test: mypy"
-.venv/bin/mypy
-echo "test: pytest"
-.venv/bin/pytest -q -p no:cacheprovider "$@"
-if [ $# -eq 0 ]; then
-    # The mount-level suite once more through the second FUSE binding, then on the production
-    # stacks: Redis or PostgreSQL metadata with S3 (SeaweedFS) data, servers on loopback.
-    # The binding pass covers the request handlers (POSIX files, permissions, locks, xattrs);
-    # the stack passes everything but the three longest workloads (a venv with pip, a copy of
-    # the Python standard library, 2,000 files from a tar), which exercise no engine code the
-    # others do not. The state machine runs 60 examples in these passes (120 in the main one).
-    export LOFT_MODEL_EXAMPLES=60
-    echo "test: pytest tests/mount with LOFT_FUSE_BINDING=pyfuse3"
-    LOFT_FUSE_BINDING=pyfuse3 .venv/bin/pytest -q -p no:cacheprovider -m "not slow" \
-        tests/mount/test_posix_basic.py tests/mount/test_posix_model.py \
-        tests/mount/test_mount_permissions.py tests/mount/test_file_locks.py \
-        tests/mount/test_xattr_quota.py
-    # The two stack passes run side by side (each mostly waits on its servers and mounts; own
-    # servers, ports and mountpoints), their output shown once both are done. Each has a temp
-    # root of its own: pytest resets the mode of its shared one at start, which would lock the
-    # other pass's PostgreSQL (running as the postgres user) out of its directory.
-    pids=()
-    dirs=()
-    for stack in redis+s3 postgres+s3; do
-        dir=$(mktemp -d /tmp/loftfs-stack.XXXXXX)
-        dirs+=("$dir")
-        (
-            echo "test: pytest tests/mount with LOFT_TEST_STACK=$stack"
-            LOFT_TEST_STACK=$stack .venv/bin/pytest -q -p no:cacheprovider -m "not slow" \
-                --basetemp="$dir/tmp" \
-                -k "not venv_and_pip and not python_stdlib and not tar_extract" tests/mount
-        ) >"$dir/log" 2>&1 &
-        pids+=($!)
-    done
-    status=0
+# Passes that run side by side: `start_pass TITLE COMMAND [ARGS...]` starts one in the
+# background (COMMAND gets a temp root of its own as its last argument: pytest resets the mode
+# of its shared one at start, which would lock another pass's PostgreSQL, running as the
+# postgres user, out of its directory); `wait_passes` waits for all, shows their output one
+# after the other and fails if any failed. Each pass has its own servers, ports and mountpoints.
+pids=()
+dirs=()
+start_pass() {
+    local title=$1 dir
+    shift
+    dir=$(mktemp -d /tmp/loftfs-pass.XXXXXX)
+    dirs+=("$dir")
+    (
+        echo "test: pytest $title"
+        "$@" "$dir/tmp"
+    ) >"$dir/log" 2>&1 &
+    pids+=($!)
+}
+wait_passes() {
+    local i status=0
     for i in "${!pids[@]}"; do
         wait "${pids[$i]}" || status=1
         cat "${dirs[$i]}/log"
         rm -rf "${dirs[$i]}"
     done
-    exit $status
+    pids=()
+    dirs=()
+    return $status
+}
+pytest_pass() { # pytest_pass ARGS... TEMP_ROOT
+    .venv/bin/pytest -q -p no:cacheprovider --basetemp="${*: -1}" "${@:1:$#-1}"
+}
+stack_pass() { # stack_pass STACK TEMP_ROOT
+    LOFT_TEST_STACK=$1 pytest_pass -m "not slow" \
+        -k "not venv_and_pip and not python_stdlib and not tar_extract" tests/mount "$2"
+}
+
+bash scripts/setup.sh --test
+echo "test: ruff check"
+.venv/bin/ruff check .
+echo "test: mypy"
+.venv/bin/mypy
+if [ $# -gt 0 ]; then
+    echo "test: pytest $*"
+    exec .venv/bin/pytest -q -p no:cacheprovider "$@"
 fi
+
+# Everything, as two passes side by side: the FUSE mount suite (mostly waiting on its mounts)
+# and the rest (meta, object, chunk, cli, control plane... against real servers).
+start_pass "tests/mount" pytest_pass tests/mount
+start_pass "tests (all but tests/mount)" pytest_pass --ignore=tests/mount tests
+wait_passes
+
+# The mount-level suite once more through the second FUSE binding, then on the production
+# stacks: Redis or PostgreSQL metadata with S3 (SeaweedFS) data, servers on loopback.
+# The binding pass covers the request handlers (POSIX files, permissions, locks, xattrs);
+# the stack passes everything but the three longest workloads (a venv with pip, a copy of
+# the Python standard library, 2,000 files from a tar), which exercise no engine code the
+# others do not. The state machine runs 60 examples in these passes (120 in the main one).
+export LOFT_MODEL_EXAMPLES=60
+echo "test: pytest tests/mount with LOFT_FUSE_BINDING=pyfuse3"
+LOFT_FUSE_BINDING=pyfuse3 .venv/bin/pytest -q -p no:cacheprovider -m "not slow" \
+    tests/mount/test_posix_basic.py tests/mount/test_posix_model.py \
+    tests/mount/test_mount_permissions.py tests/mount/test_file_locks.py \
+    tests/mount/test_xattr_quota.py
+start_pass "tests/mount with LOFT_TEST_STACK=redis+s3" stack_pass redis+s3
+start_pass "tests/mount with LOFT_TEST_STACK=postgres+s3" stack_pass postgres+s3
+wait_passes
