@@ -86,6 +86,14 @@ def validate_block_size(text: str | int) -> int:
     return size
 
 
+def validate_compress(compress: str) -> str:
+    if compress not in {c.value for c in Compression}:
+        raise ConfigError(
+            f"unknown compression {compress!r} (use {', '.join(c.value for c in Compression)})"
+        )
+    return compress
+
+
 def normalize_bucket(storage: str, bucket: str) -> str:
     """A local bucket is stored as an absolute path: mounts may run from another directory.
     An s3 bucket is stored as its canonical URL (``s3://bucket/prefix`` or
@@ -398,10 +406,7 @@ def format_volume(
     storage = infer_storage(storage.lower(), bucket)
     validate_name(name)
     block = validate_block_size(block_size)
-    if compress not in {c.value for c in Compression}:
-        raise ConfigError(
-            f"unknown compression {compress!r} (use {', '.join(c.value for c in Compression)})"
-        )
+    validate_compress(compress)
     non_negative(capacity, "capacity")
     non_negative(inodes, "inodes")
     non_negative(trash_days, "trash_days")

@@ -344,7 +344,7 @@ class Provisioner:
     def _check_spec(self, spec: VolumeSpec) -> None:
         """Refuse bad input before anything is made (``format_volume`` checks it again)."""
         from loftfs.cli.common import non_negative
-        from loftfs.cli.format import Compression, validate_block_size, validate_name
+        from loftfs.cli.format import validate_block_size, validate_compress, validate_name
 
         if not VOLUME_ID_RE.match(spec.volume_id):
             raise ConfigError(
@@ -357,11 +357,7 @@ class Provisioner:
                 f"{', '.join(self.engines())})"
             )
         validate_block_size(spec.block_size)
-        if spec.compress not in {c.value for c in Compression}:
-            raise ConfigError(
-                f"unknown compression {spec.compress!r} "
-                f"(use {', '.join(c.value for c in Compression)})"
-            )
+        validate_compress(spec.compress)
         non_negative(spec.capacity, "capacity")
         non_negative(spec.inodes, "inodes")
         non_negative(spec.trash_days, "trash_days")
