@@ -89,11 +89,13 @@ class UploadCounter:
 
 class _SliceBuffer:
     """A slice being written: ``length`` bytes at ``pos`` of chunk ``index``. Blocks before
-    ``flushed`` blocks are uploaded or uploading; ``buf`` holds the bytes after them."""
+    ``flushed`` blocks are uploaded or uploading; the first ``fill`` bytes of ``buf`` hold the
+    bytes after them (``buf`` may be longer: room for the next writes, see ``_extend``)."""
 
     __slots__ = (
         "buf",
         "failed",
+        "fill",
         "flushed",
         "id",
         "index",
@@ -111,6 +113,7 @@ class _SliceBuffer:
         self.id = slice_id
         self.length = 0
         self.buf = bytearray()
+        self.fill = 0
         self.flushed = 0  # blocks handed to the uploader
         self.pending = 0  # blocks uploading right now
         self.sealed = False
@@ -125,6 +128,26 @@ class _SliceBuffer:
     @property
     def ready(self) -> bool:
         return self.sealed and self.pending == 0 and not self.failed
+
+
+def _extend(s: _SliceBuffer, data: memoryview, block_size: int) -> None:
+    """Append ``data`` to ``s``'s buffer, growing it ahead of need.
+
+    Growing by doubling (exact sizes, up to a block) rather than by each write: ``bytearray``
+    over-allocates an eighth and reallocates on nearly every 128 KiB write, copying the buffer
+    each time once it lives on the heap (``fuse.mount._tune_malloc``). A slice that has already
+    sent a whole block is a stream: its next buffer is a whole block at once. A small file's
+    buffer stays the size of what was written."""
+    need = s.fill + len(data)
+    if need > len(s.buf):
+        cap = block_size if s.flushed else min(block_size, 2 * len(s.buf))
+        cap = max(need, cap)
+        if s.fill == 0:
+            s.buf = bytearray(cap)
+        else:
+            s.buf += bytes(cap - len(s.buf))
+    s.buf[s.fill : need] = data
+    s.fill = need
 
 
 class FileWriter:
@@ -199,11 +222,11 @@ class FileWriter:
             # Contiguous with (or overlapping the still-buffered tail of) the newest slice of
             # this chunk: patch and append in place. Newest means nothing can cover it later.
             rel = pos - s.pos - s.flushed * bs
-            overlap = min(len(data), len(s.buf) - rel)
+            overlap = min(len(data), s.fill - rel)
             if overlap > 0:
                 s.buf[rel : rel + overlap] = data[:overlap]
             added = data[max(overlap, 0) :]
-            s.buf += added
+            _extend(s, added, bs)
             s.length += len(added)
             used = len(added)
         else:
@@ -211,18 +234,20 @@ class FileWriter:
                 self._seal_locked(s)
             s = _SliceBuffer(index, pos, self.ctx.meta.new_slice_id())
             self._slices.append(s)
-            s.buf += data
+            _extend(s, data, bs)
             s.length = len(data)
             used = len(data)
         s.mtime_ns = now_ns()
-        while len(s.buf) >= bs:
+        while s.fill >= bs:
             block: bytes | bytearray
-            if len(s.buf) == bs:  # the usual case: the buffer itself goes, no copy
-                block, s.buf = s.buf, bytearray()
+            if s.fill == bs and len(s.buf) == bs:  # the usual case: the buffer itself goes
+                block, s.buf, s.fill = s.buf, bytearray(), 0
             else:
                 with memoryview(s.buf) as mv:
                     block = bytes(mv[:bs])
-                del s.buf[:bs]
+                    rest = s.fill - bs
+                    mv[:rest] = mv[bs : s.fill]
+                s.fill = rest
             self._upload_locked(s, block)
         if s.end >= CHUNK_SIZE:
             self._seal_locked(s)
@@ -238,8 +263,14 @@ class FileWriter:
 
     def _seal_locked(self, s: _SliceBuffer) -> None:
         s.sealed = True
-        if s.buf:
-            tail, s.buf = s.buf, bytearray()
+        if s.fill:
+            tail: bytes | bytearray
+            if s.fill == len(s.buf):
+                tail = s.buf
+            else:
+                with memoryview(s.buf) as mv:
+                    tail = bytes(mv[: s.fill])
+            s.buf, s.fill = bytearray(), 0
             self._upload_locked(s, tail)
         elif s.pending == 0:
             self._schedule_commit()
@@ -398,8 +429,8 @@ class FileWriter:
             self._slices = []
             self._error = None
             for s in dropped:
-                self.ctx.budget.release(len(s.buf))
-                s.buf.clear()
+                self.ctx.budget.release(s.fill)
+                s.buf, s.fill = bytearray(), 0
         self._drop_blocks(dropped)
         log.error("data of inode %d could not be saved: %s", self.inode, error)
         if isinstance(error, FSError):
