@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 
 from loftfs.chunk.cache_disk import (
+    FORMAT_VERSION,
     HEAD_SIZE,
     SAMPLE,
     DiskCache,
+    encode_head,
     file_size,
     key_hash,
     read_file_key,
@@ -748,3 +750,54 @@ def test_concurrent_use_from_threads(make: Callable[..., DiskCache], tmp_path: P
     assert s["corrupt"] == 0 and s["errors"] == 0
     assert s["used_bytes"] == disk_bytes(tmp_path / "cache") <= s["capacity"]
     assert s["blocks"] == len(files_under(tmp_path / "cache" / VOL / "raw"))
+
+
+# --- file format versions ------------------------------------------------------------------
+
+
+def _write_cache_file(path: Path, k: str, data: bytes, version: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_head(k.encode(), data, SEG, version) + data)
+
+
+def test_files_of_format_version_1_are_still_read(
+    make: Callable[..., DiskCache], tmp_path: Path
+) -> None:
+    """Version 1 (crc32 segment checksums) is what earlier releases wrote: cached and staged
+    blocks written by them are read after an upgrade, checksums verified."""
+    root = tmp_path / "cache"
+    k1, d1 = key(1, LENGTH), payload(1, LENGTH)
+    k2, d2 = key(2, LENGTH), payload(2, LENGTH)
+    k3, d3 = key(3, LENGTH), payload(3, LENGTH)
+    _write_cache_file(raw_path(root, k1), k1, d1, 1)
+    _write_cache_file(staging_path(root, k2), k2, d2, 1)
+    _write_cache_file(raw_path(root, k3), k3, d3, 1)
+    bad = bytearray(raw_path(root, k3).read_bytes())
+    bad[-2] ^= 0x40  # one flipped bit in the last segment of version-1 data
+    raw_path(root, k3).write_bytes(bytes(bad))
+    assert encode_head(k1.encode(), d1, SEG, 1) != encode_head(k1.encode(), d1, SEG)
+    cache = make()
+    assert cache.get(k1, LENGTH) == d1
+    assert cache.get_range(k1, LENGTH, SEG - 2, 4) == d1[SEG - 2 : SEG + 2]
+    assert cache.staged_keys() == [k2]
+    assert cache.read_staged(k2) == d2
+    assert cache.get_range(k3, LENGTH, 0, 8) == d3[:8]  # first segment intact
+    assert cache.get(k3, LENGTH) is None  # the damaged one is a miss, and the file goes
+    assert not raw_path(root, k3).exists()
+    # new files are written in the current version and read back
+    k4, d4 = key(4, LENGTH), payload(4, LENGTH)
+    cache.put_sync(k4, d4)
+    assert raw_path(root, k4).read_bytes()[4:6] == FORMAT_VERSION.to_bytes(2, "little")
+    assert cache.get(k4, LENGTH) == d4
+
+
+def test_unknown_format_version_is_a_miss(make: Callable[..., DiskCache], tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    k, data = key(1, LENGTH), payload(1, LENGTH)
+    _write_cache_file(raw_path(root, k), k, data, FORMAT_VERSION)
+    raw = bytearray(raw_path(root, k).read_bytes())
+    raw[4:6] = (FORMAT_VERSION + 1).to_bytes(2, "little")
+    raw_path(root, k).write_bytes(bytes(raw))
+    cache = make()
+    assert cache.get(k, LENGTH) is None
+    assert not raw_path(root, k).exists()

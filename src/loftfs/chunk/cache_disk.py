@@ -14,14 +14,17 @@ in-memory index can be keyed by a small int and still name the file to evict.
 File format (little-endian)::
 
     magic "LFBC" | version u16 | key length u16 | segment size u32 | data length u64
-    | header crc32 u32 (of everything before it, the key and the segment crcs)
-    | key (utf-8) | crc32 of each segment of the data (u32 each) | data
+    | header crc32 u32 (of everything before it, the key and the segment sums)
+    | key (utf-8) | checksum of each segment of the data (u32 each) | data
+
+The segment checksum is the low 32 bits of XXH3-64 (version 2), or crc32 in files of version
+1, which are still read (a staged block written by an older release must survive an upgrade).
 
 The key in the header makes a hash collision, or a file put in the wrong place, a miss rather
 than wrong data. A file whose header, key, length or checksums do not match is deleted and
 reported as a miss: the cache never returns wrong bytes. Checksums per segment (64 KiB by
-default) let ``get_range`` verify only what it reads; crc32 runs at about 4 GB/s here, so a
-whole 4 MiB block costs about 1 ms to verify. Files are written to a temporary name and renamed
+default) let ``get_range`` verify only what it reads; XXH3 runs at about 25 GB/s here (crc32,
+version 1: 4.5 GB/s), so a whole 4 MiB block costs about 0.15 ms to check. Files are written to a temporary name and renamed
 into place without fsync: a torn file fails its checksums. Staged files are fsynced (file and
 directory) before ``stage`` returns, since they are the only copy of acknowledged data.
 
@@ -77,14 +80,23 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+import xxhash
 
 from loftfs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"LFBC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 1 and 2 are read (they differ in the segment checksum only)
+
+
+def _xxh3_32(data: bytes | memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
+
+
+SEGMENT_SUMS: dict[int, Callable[[bytes | memoryview], int]] = {1: zlib.crc32, 2: _xxh3_32}
 _FIXED = struct.Struct("<4sHHIQ")  # magic, version, key length, segment size, data length
 _HCRC = struct.Struct("<I")
 HEAD_SIZE = _FIXED.size + _HCRC.size  # 24
@@ -118,16 +130,23 @@ def file_size(key_len: int, data_len: int, segment_size: int) -> int:
     return HEAD_SIZE + key_len + 4 * (-(-data_len // segment_size)) + data_len
 
 
-def encode_head(key: bytes, data: bytes | memoryview, segment_size: int) -> bytes:
+def encode_head(
+    key: bytes, data: bytes | memoryview, segment_size: int, version: int = FORMAT_VERSION
+) -> bytes:
     """Everything of a cache file before its data: header, key and segment checksums."""
     mv = memoryview(data)
+    seg_sum = SEGMENT_SUMS[version]
     crcs = struct.pack(
         f"<{-(-len(mv) // segment_size)}I",
-        *(zlib.crc32(mv[i : i + segment_size]) for i in range(0, len(mv), segment_size)),
+        *(seg_sum(mv[i : i + segment_size]) for i in range(0, len(mv), segment_size)),
     )
-    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, len(key), segment_size, len(mv))
+    fixed = _FIXED.pack(MAGIC, version, len(key), segment_size, len(mv))
     hcrc = zlib.crc32(crcs, zlib.crc32(key, zlib.crc32(fixed)))
     return fixed + _HCRC.pack(hcrc) + key + crcs
+
+
+# (segment size, packed segment checksums, offset of the data, the checksum function)
+Head = tuple[int, bytes, int, Callable[[bytes | memoryview], int]]
 
 
 def pick_victim(index: dict[int, int], keys: list[int], sample: int = SAMPLE) -> int | None:
@@ -149,15 +168,15 @@ class CorruptBlock(Exception):
     """A cache file that does not hold what its name promises (internal: becomes a miss)."""
 
 
-def _read_head(fd: int, key: bytes, length: int, segment_size: int) -> tuple[int, bytes, int]:
-    """Read and verify the header of an open cache file of ``key`` holding ``length`` bytes.
-    Returns (segment size, packed segment crcs, offset of the data)."""
+def _read_head(fd: int, key: bytes, length: int, segment_size: int) -> Head:
+    """Read and verify the header of an open cache file of ``key`` holding ``length`` bytes."""
     want = file_size(len(key), length, segment_size) - length
     buf = os.pread(fd, want, 0)
     if len(buf) < HEAD_SIZE:
         raise CorruptBlock(f"short header ({len(buf)} bytes)")
     magic, version, key_len, seg, data_len = _FIXED.unpack_from(buf)
-    if magic != MAGIC or version != FORMAT_VERSION:
+    seg_sum = SEGMENT_SUMS.get(version)
+    if magic != MAGIC or seg_sum is None:
         raise CorruptBlock("bad magic or format version")
     if key_len != len(key) or data_len != length:
         raise CorruptBlock(f"header names a {data_len}-byte block, expected {length}")
@@ -174,10 +193,7 @@ def _read_head(fd: int, key: bytes, length: int, segment_size: int) -> tuple[int
         raise CorruptBlock("header checksum mismatch")
     if body[:key_len] != key:
         raise CorruptBlock("file holds another key")
-    return seg, bytes(body[key_len:]), head_len
-
-
-Head = tuple[int, bytes, int]  # (segment size, packed segment crcs, offset of the data)
+    return seg, bytes(body[key_len:]), head_len, seg_sum
 
 
 def read_block(
@@ -194,7 +210,9 @@ def read_block(
     Returns (data, file size). ``CorruptBlock`` on any mismatch. ``head``: the header as
     ``read_head`` returned it earlier for this file (saves a read; the data is still checked
     against its segment checksums)."""
-    seg, crcs, data_off = head if head is not None else _read_head(fd, key, length, segment_size)
+    seg, crcs, data_off, seg_sum = (
+        head if head is not None else _read_head(fd, key, length, segment_size)
+    )
     whole = off == 0 and end == length
     first = off // seg
     last = -(-end // seg) if end > off else first
@@ -207,7 +225,7 @@ def read_block(
     mv = memoryview(span)
     for i in range(first, last):
         a = (i - first) * seg
-        if zlib.crc32(mv[a : a + seg]) != int.from_bytes(crcs[4 * i : 4 * i + 4], "little"):
+        if seg_sum(mv[a : a + seg]) != int.from_bytes(crcs[4 * i : 4 * i + 4], "little"):
             raise CorruptBlock(f"checksum mismatch in segment {i}")
     size = data_off + length
     if whole:
