@@ -5,13 +5,18 @@ throttling, short bodies) injected by a proxy in front of the real server."""
 from __future__ import annotations
 
 import http.client
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+import obstore
 import pytest
 
 from loftfs.errors import (
@@ -248,13 +253,78 @@ def _put_all(store: ObjectStore, keys: list[str]) -> None:
         list(pool.map(lambda k: store.put(k, b""), keys))
 
 
-def test_delete_many_batches(s3: S3ObjectStore) -> None:
+def test_delete_many_batches(s3: S3ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
     keys = [f"del/{i:05d}" for i in range(2300)]
     _put_all(s3, keys)
-    calls = _count_calls(s3, "DeleteObjects")
+    batches: list[int] = []
+    real_delete = obstore.delete
+
+    def spy(store: object, paths: object) -> None:  # the real call, counted
+        batches.append(1 if isinstance(paths, str) else len(paths))  # type: ignore[arg-type]
+        real_delete(store, paths)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(obstore, "delete", spy)
     s3.delete_many([*keys, "del/missing", keys[0]])
-    assert calls[0] == 3  # 1000 keys per request
+    assert batches == [1000, 1000, 302]  # 1000 keys per DeleteObjects request
     assert list(s3.list("del/")) == []
+
+
+def test_given_keys_need_no_boto3(seaweed_server: SeaweedServer, s3: S3ObjectStore) -> None:
+    """A store given its keys and endpoint does its data path without loading boto3 (about
+    30 MiB of every mount process); a listing loads it."""
+    code = f"""
+import sys
+from loftfs.object.s3 import open_s3
+store = open_s3({seaweed_server.bucket_url(s3.bucket)!r}, access_key={seaweed_server.access_key!r},
+                secret_key={seaweed_server.secret_key!r})
+store.put("nb/k", b"v")
+assert store.get("nb/k") == b"v" and store.head("nb/k").size == 1
+store.delete_many(["nb/k", "nb/missing"])
+store.delete("nb/k")
+assert "botocore" not in sys.modules, "boto3 loaded by the data path"
+assert list(store.list("nb/")) == []
+assert "botocore" in sys.modules
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["AWS_CONFIG_FILE"] = "/nonexistent/aws-config"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_region_from_the_aws_config_file_is_honoured(
+    seaweed_server: SeaweedServer, s3: S3ObjectStore, tmp_path: Path
+) -> None:
+    """With an AWS config file naming a region, the region comes from it (boto3's chain),
+    keys given or not."""
+    config = tmp_path / "config"
+    config.write_text("[default]\nregion = eu-west-3\n")
+    os.environ["AWS_CONFIG_FILE"] = str(config)
+    try:
+        store = S3ObjectStore(
+            parse_s3_url(seaweed_server.bucket_url(s3.bucket)),
+            S3Options(access_key=seaweed_server.access_key, secret_key=seaweed_server.secret_key),
+        )
+        assert not store._static()
+        store.put("r/k", b"v")  # SeaweedFS takes any region
+        assert store._obstore().config["region"] == "eu-west-3"
+        store.close()
+        static = S3ObjectStore(
+            parse_s3_url(seaweed_server.bucket_url(s3.bucket)),
+            S3Options(
+                access_key=seaweed_server.access_key,
+                secret_key=seaweed_server.secret_key,
+                region="ap-south-1",
+            ),
+        )
+        assert static._static()  # a region given: nothing to ask boto3
+        assert static.get("r/k") == b"v"
+        assert static._obstore().config["region"] == "ap-south-1"
+        static.close()
+    finally:
+        del os.environ["AWS_CONFIG_FILE"]
 
 
 def test_pagination(s3: S3ObjectStore) -> None:

@@ -4,12 +4,14 @@ Two client libraries, each where it measured best (``docs/backends/s3.md``, meas
 ``bench/s3clients.py``):
 
 - **obstore** (Rust ``object_store``) carries the data path: GET (whole or ranged), PUT, HEAD and
-  DELETE. It spends a fifth of boto3's CPU per request and releases the GIL while it waits, so a
+  DELETE (one key, or ``DeleteObjects`` batches). It spends a fifth of boto3's CPU per request and releases the GIL while it waits, so a
   mount's upload and fetch threads do not queue behind each other's request signing and parsing.
 - **boto3** does what obstore cannot: bucket creation, listings with any delimiter and
-  start-after, ``DeleteObjects`` with a per-key answer, and credential resolution through the
-  whole AWS chain (flags, environment, profiles, SSO, web identity, instance roles). obstore gets
-  its credentials from that same chain, refreshed as they expire.
+  start-after, and credential resolution through the whole AWS chain (environment, profiles,
+  SSO, web identity, instance roles). obstore gets its credentials from that same chain,
+  refreshed as they expire. boto3 is imported on first use only: a mount given its keys (and
+  its region, or an endpoint with no AWS config file around) never loads it, which keeps about
+  30 MiB (botocore's modules and the S3 service model) out of every mount process.
 
 Neither library retries: ``RetryStore`` (``retry.py``) does, with exponential backoff and
 jitter, on the ``ObjectTransientError`` this module raises for throttling (503 SlowDown, 429),
@@ -35,11 +37,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-import boto3
-import botocore.exceptions as bexc
 import obstore
-from botocore.config import Config
-from botocore.credentials import RefreshableCredentials
 
 from loftfs.errors import (
     ConfigError,
@@ -53,6 +51,7 @@ from loftfs.object.interface import ObjectInfo, ObjectStore
 from loftfs.object.prefix import PrefixStore
 
 if TYPE_CHECKING:
+    import boto3
     from botocore.client import BaseClient
     from obstore import GetOptions
     from obstore.store import S3Credential, S3Store
@@ -128,6 +127,8 @@ _DENIED = frozenset({"AccessDenied", "AllAccessDisabled", "403"})  # valid ident
 _STATUS_RE = re.compile(r"status code: (\d{3})")
 _CODE_RE = re.compile(r"<Code>([^<]{1,100})</Code>")
 _MESSAGE_RE = re.compile(r"<Message>([^<]{1,300})</Message>")
+# obstore's message for a key that a DeleteObjects request did not delete
+_KEY_FAILED_RE = re.compile(r"request failed for key .{0,1100}?: (.{0,300}?) \(code: (\w{1,100})\)")
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 
 
@@ -341,6 +342,8 @@ def credentials_from_env() -> dict[str, str]:
 
 def _botocore_error(e: Exception, what: str, where: str) -> ObjectStoreError:
     """The typed error of a boto3 failure."""
+    import botocore.exceptions as bexc  # boto3 raised it: already loaded
+
     if isinstance(e, bexc.ClientError):
         err = e.response.get("Error", {})
         code = str(err.get("Code", ""))
@@ -385,6 +388,9 @@ def _obstore_error(e: Exception, what: str, where: str) -> ObjectStoreError:
     status = int(status_m.group(1)) if status_m else 0
     code = code_m.group(1) if code_m else ""
     message = msg_m.group(1) if msg_m else ""
+    key_m = _KEY_FAILED_RE.search(text)
+    if key_m and not status:  # one key of a batch delete: the request itself succeeded
+        return _status_error(key_m.group(2), 0, key_m.group(1), what, where)
     ex = obstore.exceptions
     if isinstance(e, ex.NotFoundError | FileNotFoundError):
         return _status_error(code or "NoSuchKey", status or 404, message, what, where)
@@ -461,6 +467,8 @@ def _short(e: object, n: int = 240) -> str:
 
 
 def _no_credentials_hint(e: Exception) -> str:
+    import botocore.exceptions as bexc
+
     if isinstance(e, bexc.NoCredentialsError):
         return (
             "no credentials found: give --access-key/--secret-key (or LOFT_ACCESS_KEY/"
@@ -513,9 +521,29 @@ class S3ObjectStore(ObjectStore):
     def _region(self, session: boto3.session.Session) -> str:
         return self.options.region or session.region_name or DEFAULT_REGION
 
+    def _static(self) -> bool:
+        """True when obstore needs nothing of boto3: keys given (no profile), and the region
+        given or with nowhere else to come from (a custom endpoint, no AWS config file, no
+        ``AWS_DEFAULT_REGION``), so the answer is the one boto3's chain would give."""
+        o = self.options
+        if not (o.access_key and o.secret_key) or o.profile:
+            return False
+        if o.region:
+            return True
+        config = os.environ.get("AWS_CONFIG_FILE") or os.path.expanduser("~/.aws/config")
+        return (
+            self._endpoint() is not None
+            and not os.environ.get("AWS_DEFAULT_REGION")
+            and not os.environ.get("AWS_PROFILE")
+            and not os.path.exists(config)
+        )
+
     def _get_session(self) -> boto3.session.Session:
         """The boto3 session holding the credential chain (caller holds ``_lock``)."""
         if self._session is None:
+            import boto3
+            import botocore.exceptions as bexc
+
             o = self.options
             try:
                 self._session = boto3.session.Session(
@@ -548,6 +576,9 @@ class S3ObjectStore(ObjectStore):
             if self._closed:
                 raise ObjectStoreError(f"{self._where}: the store is closed")
             if self._client is None:
+                import botocore.exceptions as bexc
+                from botocore.config import Config
+
                 session = self._get_session()
                 endpoint = self._endpoint()
                 o = self.options
@@ -571,6 +602,19 @@ class S3ObjectStore(ObjectStore):
     def _credentials(self) -> S3Credential:
         """Current credentials from the boto3 chain, for obstore (which calls this itself when
         the ones it holds expire)."""
+        o = self.options
+        if self._static():
+            static: S3Credential = {
+                "access_key_id": o.access_key,
+                "secret_access_key": o.secret_key,
+                "expires_at": None,
+            }
+            if o.session_token:
+                static["token"] = o.session_token
+            return static
+        import botocore.exceptions as bexc
+        from botocore.credentials import RefreshableCredentials
+
         with self._lock:
             session = self._get_session()
         try:
@@ -605,8 +649,10 @@ class S3ObjectStore(ObjectStore):
             if self._store is None:
                 from obstore.store import S3Store
 
-                session = self._get_session()
-                region = self._region(session)
+                if self._static():
+                    region = self.options.region or DEFAULT_REGION
+                else:
+                    region = self._region(self._get_session())
                 endpoint = self._endpoint()
                 virtual = False
                 if endpoint is None:  # AWS; spelled out so no AWS_* variable changes it
@@ -672,6 +718,8 @@ class S3ObjectStore(ObjectStore):
         ``ObjectAuthError`` names the bucket. A bucket that exists but may not be listed is left
         to the caller's own checks."""
         client = self._boto()
+        import botocore.exceptions as bexc
+
         try:
             client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
             return
@@ -802,24 +850,15 @@ class S3ObjectStore(ObjectStore):
 
     def _delete_batch(self, keys: list[str]) -> None:
         unique = list(dict.fromkeys(keys))  # a key twice in one request is an error on some
-        out = self._bt(
-            f"delete {len(unique)} objects",
-            lambda c: c.delete_objects(
-                Bucket=self.bucket,
-                Delete={"Objects": [{"Key": k} for k in unique], "Quiet": True},
-            ),
-        )
-        failed = [e for e in out.get("Errors", ()) if e.get("Code") not in _NOT_FOUND]
-        if failed:
-            first = failed[0]
-            code, message = str(first.get("Code", "")), str(first.get("Message", ""))
-            raise _status_error(
-                code,
-                0,
-                message + (f" ({len(failed)} keys failed)" if len(failed) > 1 else ""),
-                f"delete {first.get('Key', '')!r}",
-                self._where,
-            )
+        try:
+            self._ob(f"delete {len(unique)} objects", lambda s: obstore.delete(s, unique))
+        except ObjectNotFound as e:
+            if str(e).startswith("bucket "):
+                raise
+            # A server that reports missing keys as failures (S3 does not): missing is fine,
+            # so delete one at a time, where a missing key is no error.
+            for key in unique:
+                self.delete(key)
 
     def head(self, key: str) -> ObjectInfo:
         check_key(key)
