@@ -18,6 +18,7 @@ from loftfs.meta.types import (
     FALLOC_FL_ZERO_RANGE,
     NOW,
     ROOT_CTX,
+    Ctx,
     FileType,
     Slice,
     VolumeSettings,
@@ -363,6 +364,27 @@ class TestTrash:
         meta.update_settings(s)
         assert engine(meta).cleanup_trash() == 1
         assert refs(meta) == {a}
+
+
+def test_peek_reads_attributes_and_chunk_0_and_records_nothing(meta: Meta) -> None:
+    f = mkfile(meta, ROOT, b"f", 0o640)
+    write(meta, f.inode, 0, 5000)
+    write(meta, f.inode, 100, 10)
+    attr, slices = meta.peek(C, f.inode, os.O_RDONLY)
+    assert attr.size == 5000 and attr.inode == f.inode
+    assert slices == meta.read_chunk(f.inode, 0) and len(slices or []) == 2
+    empty = mkfile(meta, ROOT, b"empty")
+    assert meta.peek(C, empty.inode, os.O_RDONLY) == (meta.getattr(empty.inode), [])
+    d = meta.mkdir(C, ROOT, b"d", 0o755)
+    assert meta.peek(C, d.inode, os.O_RDONLY)[1] is None
+    with fs_error(errno.ENOENT):
+        meta.peek(C, 999_999, os.O_RDONLY)
+    with fs_error(errno.EACCES):  # the permission check of open
+        meta.peek(Ctx(uid=1000, gid=1000), f.inode, os.O_RDONLY)
+    # nothing recorded: an unlink removes the file at once (an open record would keep it)
+    meta.unlink(C, ROOT, b"f")
+    with fs_error(errno.ENOENT):
+        meta.getattr(f.inode)
 
 
 def test_open_checks(meta: Meta) -> None:

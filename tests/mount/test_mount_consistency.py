@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import random
 import signal
@@ -207,6 +208,38 @@ def test_two_mounts_unlink_while_open_elsewhere(mounter: Mounter, volume: Volume
         assert wait_until(lambda: not (b.path / "f").exists(), CACHE_EXPIRY_S)
         assert held.read() == data  # b still holds it open: the data must stay readable
     assert os.listdir(a.path) == []
+    # a small file opened read-only is opened light (a snapshot, no open record): the same
+    small = os.urandom(100_000)
+    (a.path / "s").write_bytes(small)
+    fd = os.open(b.path / "s", os.O_RDONLY | os.O_DIRECT)  # every read reaches the mount
+    try:
+        os.unlink(a.path / "s")
+        assert wait_until(lambda: not (b.path / "s").exists(), CACHE_EXPIRY_S)
+        buf = mmap.mmap(-1, 128 << 10)  # O_DIRECT wants an aligned buffer
+        assert os.preadv(fd, [buf], 0) == len(small) and buf[: len(small)] == small
+        assert os.fstat(fd).st_size == len(small)
+    finally:
+        os.close(fd)
+
+
+def test_light_handles_see_this_mounts_changes(mounter: Mounter, volume: Volume) -> None:
+    """A small file opened read-only is served from a snapshot; whatever this mount does to
+    the file afterwards (a write through another handle, a truncate) is still what the first
+    handle reads: O_DIRECT, so every read reaches the mount."""
+    m = mounter.mount(volume)
+    p = m.path / "f"
+    p.write_bytes(b"version one")
+    buf = mmap.mmap(-1, 4096)
+    fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], 0) == 11 and buf[:11] == b"version one"
+        with open(p, "r+b") as w:
+            w.write(b"VERSION TWO")
+        assert os.preadv(fd, [buf], 0) == 11 and buf[:11] == b"VERSION TWO"
+        os.truncate(p, 4)
+        assert os.preadv(fd, [buf], 0) == 4 and buf[:4] == b"VERS"
+    finally:
+        os.close(fd)
 
 
 WRITER = r"""

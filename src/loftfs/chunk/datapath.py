@@ -30,7 +30,7 @@ from loftfs.chunk.writeback import WriteBack
 from loftfs.chunk.writer import FileWriter, WriteContext
 from loftfs.errors import ConfigError, FSError
 from loftfs.meta.interface import Meta
-from loftfs.meta.types import CHUNK_SIZE, KIND_EXTERNAL, VolumeSettings
+from loftfs.meta.types import CHUNK_SIZE, KIND_EXTERNAL, Slice, VolumeSettings
 from loftfs.metrics import Metrics
 from loftfs.object.interface import ObjectStore
 from loftfs.sources import SourceStores
@@ -158,6 +158,11 @@ class DataPath:
         """``read``, but a range within one cached block comes back as a ``BlockSlice`` of it
         (no copy), for the FUSE reply."""
         return self.reader.read(inode, offset, size, file_size, state, span_ok=True)
+
+    def read_snapshot(self, slices: list[Slice], size: int) -> bytes:
+        """The whole content of a file of ``size`` bytes (within chunk 0) whose chunk 0 has
+        ``slices``. ``FSError(EIO)`` when a block is missing or damaged."""
+        return self.reader.read_slices(slices, size)
 
     def invalidate(self, inode: int) -> None:
         """Forget cached slice lists of ``inode`` (open, truncate, changes by other clients)."""

@@ -401,6 +401,14 @@ class Reader:
                 self.slices.invalidate(inode)
         raise AssertionError("unreachable")
 
+    def read_slices(self, slices: list[Slice], size: int) -> bytes:
+        """The first ``size`` bytes of chunk 0 given its slice list, through the block caches
+        (a light open's snapshot: ``VFS.open``). ``size`` must not exceed the chunk."""
+        pieces: list[_Piece] = []
+        for seg in overlay(slices, 0, size):
+            pieces.extend(self.segment_pieces(seg))
+        return self.assemble(pieces)
+
     def read_chunk_range(self, slices: list[Slice], start: int, end: int) -> bytes:
         """Visible content of ``[start, end)`` of a chunk with the given slice list, bypassing
         the block cache (used by compaction, whose reads should not evict hot blocks)."""

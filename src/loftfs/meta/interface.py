@@ -183,6 +183,13 @@ class Meta(ABC):
         round trip (a small file's first read then needs no metadata call); None otherwise."""
         return self.open(ctx, inode, flags), None
 
+    @abstractmethod
+    def peek(self, ctx: Ctx, inode: int, flags: int) -> tuple[Attr, list[Slice] | None]:
+        """The permission check of ``open`` and fresh attributes, with the slice list of chunk
+        0 (None when the inode is not a regular file), in one read-only transaction that
+        records nothing: for an open that takes the whole content at once (``VFS``'s light
+        opens of small files, which need no open record)."""
+
     def release_many(self, inodes: list[int]) -> None:
         """``release`` of several inodes, in one transaction where the engine can."""
         for inode in inodes:

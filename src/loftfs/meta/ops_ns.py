@@ -30,6 +30,7 @@ from loftfs.meta.types import (
     Ctx,
     DirEntry,
     FileType,
+    Slice,
 )
 
 _DOTS = (b".", b"..")
@@ -449,6 +450,16 @@ class NamespaceOps(MetaCore):
             attr = self._get(tx, inode)
             perm.check_open(ctx, attr, mask)
             return attr
+
+        return self._read(fn)
+
+    def peek(self, ctx: Ctx, inode: int, flags: int) -> tuple[Attr, list[Slice] | None]:
+        mask = perm.open_mask(flags)
+
+        def fn(tx: Txn) -> tuple[Attr, list[Slice] | None]:
+            attr = self._get(tx, inode)
+            perm.check_open(ctx, attr, mask)
+            return attr, tx.get_chunk(inode, 0) if attr.type == FileType.FILE else None
 
         return self._read(fn)
 

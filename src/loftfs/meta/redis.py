@@ -461,6 +461,32 @@ class RedisMeta(BaseMeta):
         slices = unpack_slices(result[3]) if chunk0 and attr.type == FileType.FILE else None
         return attr, slices
 
+    def peek(self, ctx: Ctx, inode: int, flags: int) -> tuple[Attr, list[Slice] | None]:
+        """One round trip: the attributes and chunk 0 read in one MULTI (a consistent pair;
+        nothing is written, so nothing waits for the append-only file's fsync)."""
+        mask = perm.open_mask(flags)
+        k = self.keys
+        cmds: list[Command] = [
+            ("MULTI",),
+            ("GET", k.attr(inode)),
+            ("GET", k.chunk(inode, 0)),
+            ("EXEC",),
+        ]
+
+        def fn(tx: RedisTxn) -> list[Any]:
+            result = tx.link.call(cmds)[-1]
+            if isinstance(result, ResponseError):
+                raise result
+            return result  # type: ignore[no-any-return]
+
+        result = self._transaction(fn, False)  # type: ignore[arg-type]
+        if result[0] is None:
+            raise FSError(errno.ENOENT)
+        attr = unpack_attr(inode, result[0])
+        perm.check_open(ctx, attr, mask)
+        slices = unpack_slices(result[1]) if attr.type == FileType.FILE else None
+        return attr, slices
+
     def lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
         """``lookup`` in one round trip (a Lua script reads the parent, the entry and the
         child atomically) instead of two; ``.`` and ``..`` take the general path."""

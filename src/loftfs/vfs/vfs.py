@@ -28,6 +28,7 @@ from loftfs.meta.interface import Meta
 from loftfs.meta.ops_import import LAZY_MARK
 from loftfs.meta.types import (
     FALLOC_FL_KEEP_SIZE,
+    ROOT_CTX,
     Attr,
     Ctx,
     DirEntry,
@@ -52,6 +53,19 @@ SEEN_MAX = 100_000
 RELEASE_LINGER_S = 2.0
 RELEASE_BATCH = 256
 OPEN_LOCK_STRIPES = 256
+# Light opens. A read-only open of a small file that is not open in this mount takes the
+# file's whole content at once (attributes and chunk 0's slice list in one read-only
+# transaction, the blocks from the caches or the store) and writes no open record: the read
+# that follows is served from that snapshot, and the close costs nothing. The engine's open
+# record exists to keep a file's data alive while it is open and another client deletes it;
+# a snapshot needs no such protection. Close-to-open consistency holds as for any open (the
+# content is the committed one at open time). Within this mount the snapshot never goes
+# stale: an open of the same file by a normal handle, a truncate, an unlink or a rename over
+# it, and a lock taken on the handle first turn it into a normal handle (with its record).
+# Files above LIGHT_FILE_MAX, and opens beyond LIGHT_TOTAL_MAX bytes of snapshots held, take
+# the normal path.
+LIGHT_FILE_MAX = 256 << 10
+LIGHT_TOTAL_MAX = 64 << 20
 
 
 @dataclass
@@ -60,6 +74,8 @@ class FileHandle:
     flags: int
     read_state: ReadState | None = None
     written: bool = False
+    snapshot: bytes | None = None  # a light open's content (see LIGHT_FILE_MAX)
+    attr: Attr | None = None  # a light open's attributes, for fstat after a remote unlink
 
 
 @dataclass
@@ -104,6 +120,8 @@ class VFS:
         # inode -> when its last handle here closed; its open record is released later
         self._lingering: OrderedDict[int, float] = OrderedDict()
         self._releasing: set[int] = set()  # in a batch being committed now
+        self._light: dict[int, set[int]] = {}  # inode -> its light handles (no open record)
+        self._light_bytes = 0  # held by their snapshots
         self._released = threading.Condition(self._lock)
         self._linger_wake = threading.Event()
         self._linger_stop = threading.Event()
@@ -153,9 +171,15 @@ class VFS:
         except FSError as e:
             if e.errno != errno.ENOENT:
                 raise
-            # A directory removed while open: fstat on its handle still answers, nlink 0.
+            # A directory removed while open, or a file another client deleted while a light
+            # handle has it: fstat on the handle still answers, nlink 0.
             with self._lock:
                 attr = next((h.self_attr for h in self._dirs.values() if h.inode == inode), None)
+                if attr is None and inode in self._light:
+                    attr = next(
+                        (self._files[f].attr for f in self._light[inode] if f in self._files),
+                        None,
+                    )
             if attr is None:
                 raise
             attr = attr.copy()
@@ -181,6 +205,7 @@ class VFS:
         if size is not None:
             if size < 0:
                 raise FSError(errno.EINVAL)
+            self._promote(inode)  # no light handle may keep the old content
             # A truncate through an open handle was permission-checked at open time.
             handle = self._files.get(fh) if fh is not None else None
             attr = self._truncate(ctx, inode, size, check_perm=handle is None)
@@ -244,6 +269,7 @@ class VFS:
     def unlink(self, ctx: Ctx, parent: int, name: bytes) -> None:
         self._check_writable()
         self.release_lingering()
+        # A light handle of the file keeps reading its snapshot (and fstat answers, nlink 0).
         self.meta.unlink(ctx, parent, name)
 
     def rmdir(self, ctx: Ctx, parent: int, name: bytes) -> None:
@@ -317,8 +343,11 @@ class VFS:
                 self._seen.popitem(last=False)
         return same
 
-    def open(self, ctx: Ctx, inode: int, flags: int) -> tuple[int, bool, Attr]:
-        """Open ``inode``; returns (fh, keep_cache, attr)."""
+    def open(
+        self, ctx: Ctx, inode: int, flags: int, *, light: bool = True
+    ) -> tuple[int, bool, Attr]:
+        """Open ``inode``; returns (fh, keep_cache, attr). ``light``: a small file opened
+        read-only may be opened light (see ``LIGHT_FILE_MAX``)."""
         if flags & O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self._check_writable()
         with self._open_lock(inode):
@@ -330,6 +359,15 @@ class VFS:
                 # this open relies on
                 claimed = self._lingering.pop(inode, None)
                 covered = (st is not None and st.opens > 0) or claimed is not None
+            if (
+                light
+                and not covered
+                and flags & (O_ACCMODE | os.O_TRUNC) == os.O_RDONLY
+                and self._light_bytes < LIGHT_TOTAL_MAX
+            ):
+                opened = self._light_open(ctx, inode, flags)
+                if opened is not None:
+                    return opened
             if covered:  # this session's open record is already there
                 try:
                     attr = self.meta.reopen(ctx, inode, flags)
@@ -341,6 +379,8 @@ class VFS:
             else:  # not open here and no record left: the first open in this mount
                 attr = self._first_open(ctx, inode, flags)
             fh, keep = self._register_open(attr, flags, fresh=not covered)
+            if inode in self._light:
+                self._promote(inode)
         if flags & os.O_TRUNC and attr.type == FileType.FILE:
             try:
                 attr = self._truncate(ctx, inode, 0, check_perm=False)
@@ -349,6 +389,54 @@ class VFS:
                 raise
             keep = False
         return fh, keep, self._with_dirty(attr)
+
+    def _light_open(self, ctx: Ctx, inode: int, flags: int) -> tuple[int, bool, Attr] | None:
+        """A light open (caller holds the inode's open lock, and nothing of it is open or
+        lingering here); None when the file does not qualify (the caller opens it normally).
+        Errors of the permission check are raised as ``open`` would."""
+        attr, slices = self.meta.peek(ctx, inode, flags)
+        if attr.type != FileType.FILE or slices is None or attr.size > LIGHT_FILE_MAX:
+            return None
+        try:
+            data = self.data.read_snapshot(slices, attr.size) if attr.size else b""
+        except FSError as e:  # e.g. a block rewritten meanwhile: the normal path retries
+            log.debug("light open of inode %d fell back: %s", inode, e)
+            return None
+        with self._lock:
+            if self._light_bytes + len(data) > LIGHT_TOTAL_MAX:
+                return None
+            self._light_bytes += len(data)
+            fh = next(self._fh)
+            self._files[fh] = FileHandle(inode, flags, snapshot=data, attr=attr)
+            self._light.setdefault(inode, set()).add(fh)
+        keep = self._remember(inode, attr) and attr.size > 0
+        return fh, keep, attr
+
+    def _promote(self, inode: int) -> None:
+        """Turn the light handles of ``inode`` into normal ones (each takes this session's
+        open record, as a normal open would), so that none serves a snapshot that this mount
+        is about to make stale. A file deleted meanwhile by another client keeps its light
+        handles (their snapshots are all that is left of it)."""
+        with self._open_lock(inode):
+            with self._lock:
+                fhs = self._light.pop(inode, set())
+                handles = [(fh, self._files[fh]) for fh in fhs if fh in self._files]
+            kept: list[int] = []
+            for fh, h in handles:
+                try:
+                    nfh, _, _ = self.open(ROOT_CTX, inode, os.O_RDONLY, light=False)
+                except FSError as e:
+                    log.debug("inode %d: light handle %d stays light: %s", inode, fh, e)
+                    kept.append(fh)
+                    continue
+                with self._lock:
+                    normal = self._files.pop(nfh)
+                    if h.snapshot is not None:
+                        self._light_bytes -= len(h.snapshot)
+                    h.snapshot, h.attr, h.read_state = None, None, normal.read_state
+            if kept:
+                with self._lock:
+                    self._light.setdefault(inode, set()).update(kept)
 
     def create(self, ctx: Ctx, parent: int, name: bytes, mode: int, flags: int) -> tuple[int, Attr]:
         self._check_writable()
@@ -381,6 +469,10 @@ class VFS:
             raise FSError(errno.EBADF)
         if offset < 0:
             raise FSError(errno.EINVAL)
+        snap = h.snapshot
+        if snap is not None:
+            end = min(len(snap), offset + size)
+            return BlockSlice(snap, offset, end) if offset < end else b""
         if self.data.dirty_size(h.inode):
             # Read-your-writes within this mount: commit what is buffered first.
             self.data.flush(h.inode)
@@ -438,6 +530,14 @@ class VFS:
     def release(self, fh: int) -> None:
         with self._lock:
             h = self._files.pop(fh, None)
+            if h is not None and h.snapshot is not None:  # a light handle: nothing recorded
+                self._light_bytes -= len(h.snapshot)
+                fhs = self._light.get(h.inode)
+                if fhs is not None:
+                    fhs.discard(fh)
+                    if not fhs:
+                        del self._light[h.inode]
+                return
         if h is None:
             return
         inode = h.inode
@@ -536,13 +636,21 @@ class VFS:
 
     # --- locks (reachable through the SDK; see docs/SEMANTICS.md for FUSE) ---------------------
 
+    def _locked_inode(self, fh: int) -> int:
+        """The inode of ``fh`` for a lock call: a light handle becomes a normal one first
+        (locks are released with the open record)."""
+        h = self._file(fh)
+        if h.snapshot is not None:
+            self._promote(h.inode)
+        return h.inode
+
     def flock(self, ctx: Ctx, fh: int, owner: int, ltype: int, block: bool) -> None:
-        self.meta.flock(ctx, self._file(fh).inode, owner, ltype, block)
+        self.meta.flock(ctx, self._locked_inode(fh), owner, ltype, block)
 
     def getlk(
         self, ctx: Ctx, fh: int, owner: int, ltype: int, start: int, end: int
     ) -> tuple[int, int, int, int]:
-        return self.meta.getlk(ctx, self._file(fh).inode, owner, ltype, start, end)
+        return self.meta.getlk(ctx, self._locked_inode(fh), owner, ltype, start, end)
 
     def setlk(
         self,
@@ -555,7 +663,7 @@ class VFS:
         end: int,
         pid: int,
     ) -> None:
-        self.meta.setlk(ctx, self._file(fh).inode, owner, block, ltype, start, end, pid)
+        self.meta.setlk(ctx, self._locked_inode(fh), owner, block, ltype, start, end, pid)
 
     # --- directories -----------------------------------------------------------------------------
 
