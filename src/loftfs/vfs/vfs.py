@@ -60,8 +60,9 @@ OPEN_LOCK_STRIPES = 256
 # record exists to keep a file's data alive while it is open and another client deletes it;
 # a snapshot needs no such protection. Close-to-open consistency holds as for any open (the
 # content is the committed one at open time). Within this mount the snapshot never goes
-# stale: an open of the same file by a normal handle, a truncate, an unlink or a rename over
-# it, and a lock taken on the handle first turn it into a normal handle (with its record).
+# stale: an open of the same file by a normal handle, a truncate, and a lock taken on the
+# handle first turn it into a normal handle (with its record). An unlink leaves it as it is:
+# it reads its snapshot, and fstat answers (nlink 0), as for any file unlinked while open.
 # Files above LIGHT_FILE_MAX, and opens beyond LIGHT_TOTAL_MAX bytes of snapshots held, take
 # the normal path.
 LIGHT_FILE_MAX = 256 << 10
@@ -430,10 +431,13 @@ class VFS:
                     kept.append(fh)
                     continue
                 with self._lock:
-                    normal = self._files.pop(nfh)
-                    if h.snapshot is not None:
-                        self._light_bytes -= len(h.snapshot)
-                    h.snapshot, h.attr, h.read_state = None, None, normal.read_state
+                    alive = self._files.get(fh) is h and h.snapshot is not None
+                    if alive:
+                        normal = self._files.pop(nfh)
+                        self._light_bytes -= len(h.snapshot or b"")
+                        h.snapshot, h.attr, h.read_state = None, None, normal.read_state
+                if not alive:  # closed meanwhile (as a light handle): undo the new open
+                    self.release(nfh)
             if kept:
                 with self._lock:
                     self._light.setdefault(inode, set()).update(kept)
