@@ -80,7 +80,7 @@ BIG_NAME = "big.bin"
 HIGHER, LOWER = "higher", "lower"
 RSS = "peak RSS of the mount (VmHWM)"
 # (full, --quick): file MiB, small files, random reads, juicefs bench small files
-FULL = {"size_mib": 1024, "files": 10_000, "reads": 5_000, "jfs_small": 100}
+FULL = {"size_mib": 1024, "files": 10_000, "reads": 5_000, "jfs_small": 1000}
 QUICK = {"size_mib": 64, "files": 500, "reads": 500, "jfs_small": 20}
 JFS_BENCH_ROWS = {  # juicefs bench's ITEM column -> our metric
     "Write big file": "big file write MiB/s",
