@@ -597,7 +597,12 @@ class LowLevelOperations:
             # close() drops every POSIX lock its process holds on the file (the kernel leaves
             # that to us when the file system handles locks).
             self._drop_posix_locks(ino, fi.fh, [key[1]])
-        self.vfs.flush(fi.fh)
+        attr = self.vfs.flush(fi.fh)
+        if attr is not None:
+            # The kernel holds the size this handle wrote, and dropped the times it changed
+            # (FUSE invalidates them on write): these attributes are no news to it, and the
+            # next open need not drop its cache of them (``open``, close-to-open).
+            self._remember_reported(attr)
         self._ok(req)
 
     def release(self, req: int, ino: int, fi_ptr: Any) -> None:

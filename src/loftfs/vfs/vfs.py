@@ -512,24 +512,31 @@ class VFS:
                 st.size = max(st.size, offset + len(buf))
         return len(buf)
 
-    def flush(self, fh: int) -> None:
+    def flush(self, fh: int) -> Attr | None:
+        """Commit what the handle wrote; returns the file's attributes after the commit when
+        its size is the one this mount's writes made (no other client changed it meanwhile),
+        else None (also when there was nothing to commit)."""
         h = self._file(fh)
         if h.written:
             h.written = False  # set again by the next write; release need not commit again
-            self._commit(h.inode)
+            return self._commit(h.inode)
+        return None
 
     def fsync(self, fh: int, datasync: bool = False) -> None:
         h = self._file(fh)
         self._commit(h.inode)
         self.data.sync()
 
-    def _commit(self, inode: int) -> None:
-        self.data.flush(inode)
+    def _commit(self, inode: int) -> Attr | None:
         st = self._inodes.get(inode)
-        if st is not None:
-            attr = self.meta.getattr(inode)
-            st.size = attr.size
-            self._remember(inode, attr)
+        expected = st.size if st is not None else -1
+        self.data.flush(inode)
+        if st is None:
+            return None
+        attr = self.meta.getattr(inode)
+        st.size = attr.size
+        self._remember(inode, attr)
+        return attr if attr.size == expected else None
 
     def release(self, fh: int) -> None:
         with self._lock:
