@@ -481,6 +481,20 @@ def _no_credentials_hint(e: Exception) -> str:
 # --- the store --------------------------------------------------------------------------------
 
 
+def _credential(
+    access_key: str, secret_key: str, token: str | None, expires: datetime | None
+) -> S3Credential:
+    """obstore's credential record."""
+    out: S3Credential = {
+        "access_key_id": access_key,
+        "secret_access_key": secret_key,
+        "expires_at": expires,
+    }
+    if token:
+        out["token"] = token
+    return out
+
+
 def _tree_safe_start(start_after: str) -> str:
     """A start-after for servers that list a directory tree and skip everything under the
     "directory" a start-after names (``a`` and ``a/`` skip ``a/b``): one character before
@@ -604,14 +618,7 @@ class S3ObjectStore(ObjectStore):
         the ones it holds expire)."""
         o = self.options
         if self._static():
-            static: S3Credential = {
-                "access_key_id": o.access_key,
-                "secret_access_key": o.secret_key,
-                "expires_at": None,
-            }
-            if o.session_token:
-                static["token"] = o.session_token
-            return static
+            return _credential(o.access_key, o.secret_key, o.session_token, None)
         import botocore.exceptions as bexc
         from botocore.credentials import RefreshableCredentials
 
@@ -627,14 +634,7 @@ class S3ObjectStore(ObjectStore):
         expires: datetime | None = None
         if isinstance(creds, RefreshableCredentials):
             expires = datetime.now(UTC) + timedelta(seconds=_CREDENTIAL_CHECK_S)
-        out: S3Credential = {
-            "access_key_id": frozen.access_key,
-            "secret_access_key": frozen.secret_key,
-            "expires_at": expires,
-        }
-        if frozen.token:
-            out["token"] = frozen.token
-        return out
+        return _credential(frozen.access_key, frozen.secret_key, frozen.token, expires)
 
     def _obstore(self) -> S3Store:
         """The obstore store (the data path). Credentials are resolved here first, so a
