@@ -135,13 +135,12 @@ def _extend(s: _SliceBuffer, data: memoryview, block_size: int) -> None:
 
     Growing by doubling (exact sizes, up to a block) rather than by each write: ``bytearray``
     over-allocates an eighth and reallocates on nearly every 128 KiB write, copying the buffer
-    each time once it lives on the heap (``fuse.mount._tune_malloc``). A slice that has already
-    sent a whole block is a stream: its next buffer is a whole block at once. A small file's
-    buffer stays the size of what was written."""
+    each time once it lives on the heap (``fuse.mount._tune_malloc``). A buffer is never more
+    than twice what it holds (or the write that made it grow), so memory stays within twice the
+    budget's count of buffered bytes; a small file's buffer is the size of what was written."""
     need = s.fill + len(data)
     if need > len(s.buf):
-        cap = block_size if s.flushed else min(block_size, 2 * len(s.buf))
-        cap = max(need, cap)
+        cap = max(need, min(block_size, 2 * len(s.buf)))
         if s.fill == 0:
             s.buf = bytearray(cap)
         else:
