@@ -63,6 +63,7 @@ binding_pass() { # binding_pass TEMP_ROOT
         tests/mount/test_xattr_quota.py "$1"
 }
 rest_then_binding() { # rest_then_binding TEMP_ROOT
+    mkdir -p "$1"
     pytest_pass --ignore=tests/mount tests "$1/rest" || return 1
     echo "test: pytest tests/mount with LOFT_FUSE_BINDING=pyfuse3"
     binding_pass "$1/binding"
