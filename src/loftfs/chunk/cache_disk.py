@@ -24,8 +24,8 @@ The key in the header makes a hash collision, or a file put in the wrong place, 
 than wrong data. A file whose header, key, length or checksums do not match is deleted and
 reported as a miss: the cache never returns wrong bytes. Checksums per segment (64 KiB by
 default) let ``get_range`` verify only what it reads; XXH3 runs at about 25 GB/s here (crc32,
-version 1: 4.5 GB/s), so a whole 4 MiB block costs about 0.15 ms to check. Files are written to a temporary name and renamed
-into place without fsync: a torn file fails its checksums. Staged files are fsynced (file and
+version 1: 4.5 GB/s), so a whole 4 MiB block costs about 0.15 ms to check. Files are written
+to a temporary name and renamed into place without fsync: a torn file fails its checksums. Staged files are fsynced (file and
 directory) before ``stage`` returns, since they are the only copy of acknowledged data.
 
 Index. One dict per directory maps the key hash to ``access time << 28 | file size`` (both

@@ -298,8 +298,14 @@ class Reader:
     def _plan(self, inode: int, start: int, end: int) -> list[_Piece]:
         pieces: list[_Piece] = []
         for index, pos, n in chunk_ranges(start, end - start):
-            for seg in overlay(self.chunk_slices(inode, index), pos, pos + n):
-                pieces.extend(self.segment_pieces(seg))
+            pieces.extend(self._slice_pieces(self.chunk_slices(inode, index), pos, pos + n))
+        return pieces
+
+    def _slice_pieces(self, slices: list[Slice], start: int, end: int) -> list[_Piece]:
+        """The pieces of ``[start, end)`` of a chunk whose slice list is ``slices``."""
+        pieces: list[_Piece] = []
+        for seg in overlay(slices, start, end):
+            pieces.extend(self.segment_pieces(seg))
         return pieces
 
     def assemble(self, pieces: list[_Piece], *, cache: bool = True, ranged: bool = False) -> bytes:
@@ -404,18 +410,12 @@ class Reader:
     def read_slices(self, slices: list[Slice], size: int) -> bytes:
         """The first ``size`` bytes of chunk 0 given its slice list, through the block caches
         (a light open's snapshot: ``VFS.open``). ``size`` must not exceed the chunk."""
-        pieces: list[_Piece] = []
-        for seg in overlay(slices, 0, size):
-            pieces.extend(self.segment_pieces(seg))
-        return self.assemble(pieces)
+        return self.assemble(self._slice_pieces(slices, 0, size))
 
     def read_chunk_range(self, slices: list[Slice], start: int, end: int) -> bytes:
         """Visible content of ``[start, end)`` of a chunk with the given slice list, bypassing
         the block cache (used by compaction, whose reads should not evict hot blocks)."""
-        pieces: list[_Piece] = []
-        for seg in overlay(slices, start, end):
-            pieces.extend(self.segment_pieces(seg))
-        return self.assemble(pieces, cache=False)
+        return self.assemble(self._slice_pieces(slices, start, end), cache=False)
 
     # readahead
 

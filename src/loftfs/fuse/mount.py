@@ -178,7 +178,7 @@ def _tune_malloc() -> None:
     the next one, already resident. What bounds the resident size then:
 
     - one arena for all threads (``M_ARENA_MAX``): per-thread arenas each kept their own freed
-      buffers (a 1 GiB write peaked at 530 MiB with the default arenas, 380-420 MiB with one;
+      buffers (a 1 GiB write peaked at 530 MiB with the default arenas, 380-435 MiB with one;
       the mount's threads mostly allocate under the interpreter lock, so one arena costs no
       contention worth measuring);
     - a fixed mmap threshold of 32 MiB (glibc's largest) so the threshold never moves, and
@@ -186,9 +186,9 @@ def _tune_malloc() -> None:
     - a trim threshold of 16 MiB: free space at the top of the heap beyond it goes back to the
       kernel (64 MiB measured no faster, within this machine's noise).
 
-    Measured (``docs/PERFORMANCE.md``, 2026-11-29): cold sequential read from S3 305 -> 380-400
+    Measured (``docs/PERFORMANCE.md``, 2026-11-29): cold sequential read from S3 305 -> 360-407
     MB/s, warm read from the disk cache 590-720 -> 1,000 MB/s; peak RSS of the read mount
-    153-163 -> 164-165 MiB, of a 1 GiB write 362-401 -> 378-418 MiB.
+    153-163 -> 155-172 MiB, of a 1 GiB write 362-401 -> 378-435 MiB.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

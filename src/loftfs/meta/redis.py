@@ -416,6 +416,21 @@ class RedisMeta(BaseMeta):
     def open_with_chunk(self, ctx: Ctx, inode: int, flags: int) -> tuple[Attr, list[Slice] | None]:
         return self._open(ctx, inode, flags, True)
 
+    def _multi(self, cmds: list[Command], write: bool) -> list[Any]:
+        """Send ``cmds`` (``MULTI`` ... ``EXEC``) in one round trip; the replies of the queued
+        commands. An error reply (of the ``EXEC`` or of any command) is raised."""
+
+        def fn(tx: RedisTxn) -> list[Any]:
+            result = tx.link.call(cmds)[-1]
+            if isinstance(result, ResponseError):
+                raise result
+            for reply in result:
+                if isinstance(reply, ResponseError):
+                    raise reply
+            return result  # type: ignore[no-any-return]
+
+        return self._transaction(fn, write)  # type: ignore[arg-type]
+
     def _open(
         self, ctx: Ctx, inode: int, flags: int, chunk0: bool
     ) -> tuple[Attr, list[Slice] | None]:
@@ -438,17 +453,7 @@ class RedisMeta(BaseMeta):
         if chunk0:
             cmds.append(("GET", k.chunk(inode, 0)))
         cmds.append(("EXEC",))
-
-        def fn(tx: RedisTxn) -> list[Any]:
-            result = tx.link.call(cmds)[-1]
-            if isinstance(result, ResponseError):
-                raise result
-            for reply in result:
-                if isinstance(reply, ResponseError):
-                    raise reply
-            return result  # type: ignore[no-any-return]
-
-        result = self._transaction(fn, True)  # type: ignore[arg-type]
+        result = self._multi(cmds, True)
         data = result[0]
         try:
             if data is None:
@@ -466,20 +471,9 @@ class RedisMeta(BaseMeta):
         nothing is written, so nothing waits for the append-only file's fsync)."""
         mask = perm.open_mask(flags)
         k = self.keys
-        cmds: list[Command] = [
-            ("MULTI",),
-            ("GET", k.attr(inode)),
-            ("GET", k.chunk(inode, 0)),
-            ("EXEC",),
-        ]
-
-        def fn(tx: RedisTxn) -> list[Any]:
-            result = tx.link.call(cmds)[-1]
-            if isinstance(result, ResponseError):
-                raise result
-            return result  # type: ignore[no-any-return]
-
-        result = self._transaction(fn, False)  # type: ignore[arg-type]
+        result = self._multi(
+            [("MULTI",), ("GET", k.attr(inode)), ("GET", k.chunk(inode, 0)), ("EXEC",)], False
+        )
         if result[0] is None:
             raise FSError(errno.ENOENT)
         attr = unpack_attr(inode, result[0])

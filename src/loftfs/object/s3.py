@@ -4,8 +4,9 @@ Two client libraries, each where it measured best (``docs/backends/s3.md``, meas
 ``bench/s3clients.py``):
 
 - **obstore** (Rust ``object_store``) carries the data path: GET (whole or ranged), PUT, HEAD and
-  DELETE (one key, or ``DeleteObjects`` batches). It spends a fifth of boto3's CPU per request and releases the GIL while it waits, so a
-  mount's upload and fetch threads do not queue behind each other's request signing and parsing.
+  DELETE (one key, or ``DeleteObjects`` batches). It spends a fifth of boto3's CPU per request
+  and releases the GIL while it waits, so a mount's upload and fetch threads do not queue
+  behind each other's request signing and parsing.
 - **boto3** does what obstore cannot: bucket creation, listings with any delimiter and
   start-after, and credential resolution through the whole AWS chain (environment, profiles,
   SSO, web identity, instance roles). obstore gets its credentials from that same chain,
