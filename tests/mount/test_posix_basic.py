@@ -117,6 +117,88 @@ def test_large_directory_listing(workdir: Path) -> None:
     assert set(os.listdir(workdir)) == set(list(names)[700:])
 
 
+class _Dirent(ctypes.Structure):  # glibc's struct dirent on Linux (64-bit)
+    _fields_ = [
+        ("d_ino", ctypes.c_uint64),
+        ("d_off", ctypes.c_int64),
+        ("d_reclen", ctypes.c_ushort),
+        ("d_type", ctypes.c_ubyte),
+        ("d_name", ctypes.c_char * 256),
+    ]
+
+
+class _Dir:
+    """One directory stream through libc (the os module has no telldir/seekdir/rewinddir)."""
+
+    def __init__(self, path: Path) -> None:
+        for name, res, args in (
+            ("opendir", ctypes.c_void_p, [ctypes.c_char_p]),
+            ("readdir", ctypes.POINTER(_Dirent), [ctypes.c_void_p]),
+            ("telldir", ctypes.c_long, [ctypes.c_void_p]),
+            ("seekdir", None, [ctypes.c_void_p, ctypes.c_long]),
+            ("rewinddir", None, [ctypes.c_void_p]),
+            ("closedir", ctypes.c_int, [ctypes.c_void_p]),
+        ):
+            fn = getattr(_libc, name)
+            fn.restype, fn.argtypes = res, args
+        self.d = _libc.opendir(os.fsencode(path))
+        assert self.d
+
+    def read(self, n: int = 1 << 30) -> list[str]:
+        out: list[str] = []
+        while len(out) < n:
+            e = _libc.readdir(self.d)
+            if not e:
+                break
+            name = e.contents.d_name.decode()
+            if name not in (".", ".."):
+                out.append(name)
+        return out
+
+    def tell(self) -> int:
+        return int(_libc.telldir(self.d))
+
+    def seek(self, pos: int) -> None:
+        _libc.seekdir(self.d, pos)
+
+    def rewind(self) -> None:
+        _libc.rewinddir(self.d)
+
+    def close(self) -> None:
+        _libc.closedir(self.d)
+
+
+def test_paging_a_listing_with_seek_and_rewind(workdir: Path) -> None:
+    """A listing of many reply pages (each page after the first is packed ahead): every entry
+    exactly once per pass, two streams of one directory interleaved, telldir/seekdir back to a
+    position repeats what followed it, and rewinddir lists the directory as it is now."""
+    names = {f"p{i:05}-{'x' * (i % 50)}" for i in range(3000)}
+    for name in names:
+        (workdir / name).touch()
+    a, b = _Dir(workdir), _Dir(workdir)
+    try:
+        first = a.read(700)
+        b_all = b.read(100)
+        pos = a.tell()
+        middle = a.read(900)
+        b_all += b.read()
+        rest = a.read()
+        assert len(first) + len(middle) + len(rest) == len(names)
+        assert set(first) | set(middle) | set(rest) == names
+        assert sorted(b_all) == sorted(names)
+        a.seek(pos)
+        assert a.read(900) == middle
+        gone = set(sorted(names)[::3])
+        for name in gone:
+            (workdir / name).unlink()
+        (workdir / "new-entry").touch()
+        a.rewind()
+        assert sorted(a.read()) == sorted((names - gone) | {"new-entry"})
+    finally:
+        a.close()
+        b.close()
+
+
 def test_symlinks(workdir: Path) -> None:
     (workdir / "target").write_bytes(b"data")
     os.symlink("target", workdir / "rel")

@@ -200,6 +200,11 @@ class DataPath:
             w = self._writers.get(inode)
         return w.dirty_end() if w is not None else 0
 
+    def written(self) -> frozenset[int]:
+        """The inodes that have a writer here (those whose ``dirty_size`` may be non-zero)."""
+        with self._lock:
+            return frozenset(self._writers)
+
     def _on_commit(self, inode: int, index: int, count: int) -> None:
         self.slices.invalidate_chunk(inode, index)
         if self.opts.compact_threshold > 0 and count >= self.opts.compact_threshold:

@@ -101,6 +101,8 @@ def _timeout(t: float) -> tuple[int, int]:
 
 
 _PADDING = [bytes(n) for n in range(_DIRENT_ALIGN)]
+_IFMT_OF = {t: t.ifmt for t in FileType}
+_DEVICES = frozenset((FileType.CHR, FileType.BLK))  # see device_number
 
 
 def direntplus_page(
@@ -120,6 +122,9 @@ def direntplus_page(
     add = parts.append
     pack = _DIRENTPLUS.pack
     head = _DIRENTPLUS.size
+    ifmt = _IFMT_OF
+    devices = _DEVICES
+    directory = FileType.DIR
     pos = 0
     for index, (name, attr) in enumerate(entries, start=first_index):
         length = len(name)
@@ -127,17 +132,19 @@ def direntplus_page(
         pos += padded
         if pos > size:
             break
-        mode = attr.st_mode
-        entry_t = dir_timeout if attr.type == FileType.DIR else file_timeout
+        kind = attr.type
+        mode = ifmt[kind] | (attr.mode & 0o7777)
+        entry_t = dir_timeout if kind is directory else file_timeout
         a_s, a_ns = divmod(attr.atime_ns, _NS)
         m_s, m_ns = divmod(attr.mtime_ns, _NS)
         c_s, c_ns = divmod(attr.ctime_ns, _NS)
+        ino = attr.inode
         add(
             pack(
-                attr.inode, 0, entry_t[0], attr_timeout[0], entry_t[1], attr_timeout[1],
-                attr.inode, attr.size, (attr.size + 511) // 512, a_s, m_s, c_s, a_ns, m_ns, c_ns,
-                mode, attr.nlink, attr.uid, attr.gid, device_number(attr), BLOCK_UNIT, 0,
-                attr.inode, index, length, mode >> 12,
+                ino, 0, entry_t[0], attr_timeout[0], entry_t[1], attr_timeout[1],
+                ino, attr.size, (attr.size + 511) >> 9, a_s, m_s, c_s, a_ns, m_ns, c_ns,
+                mode, attr.nlink, attr.uid, attr.gid, attr.rdev if kind in devices else 0,
+                BLOCK_UNIT, 0, ino, index, length, mode >> 12,
             )
         )  # fmt: skip
         add(name)
@@ -146,9 +153,15 @@ def direntplus_page(
     return b"".join(parts)
 
 
-def dirent_page(entries: Iterable[tuple[bytes, Attr]], first_index: int, size: int) -> bytes:
+def dirent_page(
+    entries: Iterable[tuple[bytes, Attr]],
+    first_index: int,
+    size: int,
+    listed: list[Attr] | None = None,
+) -> bytes:
     """A READDIR reply of at most ``size`` bytes: names, inodes and types of the entries that
-    fit, byte for byte what fuse_add_direntry writes."""
+    fit, byte for byte what fuse_add_direntry writes. The attributes of the entries packed are
+    appended to ``listed`` when given."""
     parts: list[bytes] = []
     add = parts.append
     pack = _DIRENT.pack
@@ -163,6 +176,8 @@ def dirent_page(entries: Iterable[tuple[bytes, Attr]], first_index: int, size: i
         add(pack(attr.inode, index, length, attr.type.ifmt >> 12))
         add(name)
         add(_PADDING[padded - head - length])
+        if listed is not None:
+            listed.append(attr)
     return b"".join(parts)
 
 
@@ -203,6 +218,18 @@ def lock_range(lk: abi.Flock) -> tuple[int, int]:
     return start, end
 
 
+class _NextPage:
+    """A directory handle's next listing page, packed ahead (see ``_readdir``)."""
+
+    __slots__ = ("key", "listed", "lock", "page")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.key: tuple[int, int, bool] | None = None  # (offset, size, plus) it answers
+        self.page = b""
+        self.listed: list[Attr] = []
+
+
 class LowLevelOperations:
     """The ``fuse_lowlevel_ops`` table over one ``VFS``.
 
@@ -234,6 +261,7 @@ class LowLevelOperations:
         self._owners_lock = threading.Lock()
         # inode -> (size, mtime_ns) of regular files as last reported to the kernel
         self._reported: dict[int, tuple[int, int]] = {}
+        self._dir_pages: dict[int, _NextPage] = {}  # by directory handle
         self.session: int | None = None  # the fuse_session, set once it exists
         self.table = self._build_table()
 
@@ -733,20 +761,56 @@ class LowLevelOperations:
     def opendir(self, req: int, ino: int, fi_ptr: Any) -> None:
         fh = self.vfs.opendir(self._ctx(req), ino)
         fi_ptr.contents.fh = fh
+        self._dir_pages[fh] = _NextPage()
         if self.lib.fuse_reply_open(req, fi_ptr) == -errno.ENOENT:
+            self._dir_pages.pop(fh, None)
             self.vfs.releasedir(fh)
 
     def readdir(self, req: int, ino: int, size: int, off: int, fi: Any) -> None:
-        self._readdir(req, size, off, fi, plus=False)
+        self._readdir(req, size, off, int(fi.contents.fh), plus=False)
 
     def readdirplus(self, req: int, ino: int, size: int, off: int, fi: Any) -> None:
-        self._readdir(req, size, off, fi, plus=True)
+        self._readdir(req, size, off, int(fi.contents.fh), plus=True)
 
-    def _readdir(self, req: int, size: int, off: int, fi: Any, *, plus: bool) -> None:
+    def _readdir(self, req: int, size: int, off: int, fh: int, *, plus: bool) -> None:
+        """Answer one page, then pack the page the kernel will most likely ask for next (same
+        size, the following offset) while the kernel and the application digest this one: on
+        more than one core a large listing then costs the packing or the kernel's work per
+        page, not both."""
+        nxt = self._dir_pages.get(fh)
+        if nxt is None:  # not opened through opendir here: nothing to keep
+            self._send_page(req, *self._dir_page(fh, off, size, plus), plus)
+            return
+        # The kernel sends one listing request of a handle at a time; the lock orders this
+        # request after the packing the previous one started.
+        with nxt.lock:
+            if nxt.key == (off, size, plus):
+                page, listed = nxt.page, nxt.listed
+            else:
+                page, listed = self._dir_page(fh, off, size, plus)
+            nxt.key = None
+            nxt.page, nxt.listed = b"", []
+            self._send_page(req, page, listed, plus)
+            if listed:
+                following = off + len(listed)
+                try:
+                    nxt.page, nxt.listed = self._dir_page(fh, following, size, plus)
+                except Exception:  # this request is answered: an error is the next one's
+                    return
+                nxt.key = (following, size, plus)
+
+    def _send_page(self, req: int, page: bytes, listed: list[Attr], plus: bool) -> None:
+        self.lib.fuse_reply_buf(req, page, len(page))
+        if plus:  # the kernel now holds these attributes
+            for attr in listed:
+                self._remember_reported(attr)
+
+    def _dir_page(self, fh: int, off: int, size: int, plus: bool) -> tuple[bytes, list[Attr]]:
+        """One READDIR(PLUS) reply from entry ``off`` on, and the attributes of its entries."""
         # Permission to list was checked at opendir, as on a local file system.
-        entries = self.vfs.readdir(ROOT, fi.contents.fh, off, sizes=plus)
+        entries = self.vfs.readdir(ROOT, fh, off, sizes=plus)
+        listed: list[Attr] = []
         if plus:
-            reported: list[Attr] = []
             page = direntplus_page(
                 entries,
                 off + 1,
@@ -754,16 +818,16 @@ class LowLevelOperations:
                 _timeout(self.opts.entry_timeout),
                 _timeout(self.opts.dir_entry_timeout),
                 _timeout(self.opts.attr_timeout),
-                reported,
+                listed,
             )
-            for attr in reported:
-                self._remember_reported(attr)
         else:
-            page = dirent_page(entries, off + 1, size)
-        self.lib.fuse_reply_buf(req, page, len(page))
+            page = dirent_page(entries, off + 1, size, listed)
+        return page, listed
 
     def releasedir(self, req: int, ino: int, fi: Any) -> None:
-        self.vfs.releasedir(fi.contents.fh)
+        fh = int(fi.contents.fh)
+        self._dir_pages.pop(fh, None)
+        self.vfs.releasedir(fh)
         self._ok(req)
 
     def fsyncdir(self, req: int, ino: int, datasync: int, fi: Any) -> None:

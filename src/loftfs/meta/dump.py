@@ -100,6 +100,7 @@ from loftfs.meta.types import (
     MAX_SYMLINK,
     ROOT_INODE,
     Attr,
+    DirEntry,
     ExtObject,
     FileType,
     Slice,
@@ -585,8 +586,8 @@ class _Dumper:
             self.progress(self.stats)
         return self.stats
 
-    def _list_dir(self, inode: int) -> list[tuple[bytes, Attr]]:
-        return self.read(lambda tx: tx.list_dir(inode))
+    def _list_dir(self, inode: int) -> list[DirEntry]:
+        return list(self.read(lambda tx: tx.list_dir(inode)))
 
     def _tree(self, seen: InodeSet) -> None:
         """Depth first from the root; the stack holds, per level, the subdirectories still to
@@ -611,7 +612,7 @@ class _Dumper:
     def _entries(
         self,
         parent: int,
-        batch: list[tuple[bytes, Attr]],
+        batch: list[DirEntry],
         seen: InodeSet,
         subdirs: list[int],
     ) -> None:

@@ -156,9 +156,9 @@ class Meta(ABC):
         """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE; a replaced target is unlinked."""
 
     @abstractmethod
-    def readdir(self, ctx: Ctx, inode: int) -> list[DirEntry]:
+    def readdir(self, ctx: Ctx, inode: int) -> Sequence[DirEntry]:
         """All entries of a directory with their attributes, without ``.`` and ``..``, in a stable
-        order. Needs read permission."""
+        order. Needs read permission. An engine may decode each entry when it is read."""
 
     # --- open files ---------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 
 from loftfs.errors import FSError
 from loftfs.meta import perm
@@ -421,11 +422,13 @@ class NamespaceOps(MetaCore):
 
     # --- listing ------------------------------------------------------------------------------
 
-    def readdir(self, ctx: Ctx, inode: int) -> list[DirEntry]:
-        def fn(tx: Txn) -> list[DirEntry]:
+    def readdir(self, ctx: Ctx, inode: int) -> Sequence[DirEntry]:
+        def fn(tx: Txn) -> Sequence[DirEntry]:
+            # listed first: an engine may read the directory's attributes with its entries
+            listing = tx.list_dir(inode)
             attr = self._get_dir(tx, inode)
             perm.check(ctx, attr, R_OK)
-            return list(map(DirEntry._make, tx.list_dir(inode)))
+            return listing
 
         return self._read(fn)
 

@@ -327,10 +327,8 @@ def pack_commands(cmds: Sequence[Command]) -> bytes:
     for cmd in cmds:
         out.append(b"*%d\r\n" % len(cmd))
         for arg in cmd:
-            if isinstance(arg, str):
-                arg = arg.encode()
-            elif isinstance(arg, int):
-                arg = b"%d" % arg
+            if arg.__class__ is not bytes:
+                arg = arg.encode() if isinstance(arg, str) else b"%d" % arg
             out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
     return b"".join(out)
 

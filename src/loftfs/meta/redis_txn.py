@@ -45,15 +45,16 @@ transaction does not watch: each read sees the latest committed value of its key
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from redis.exceptions import ResponseError
 
 from loftfs.errors import MetaUnavailable, NotFormatted
 from loftfs.meta.txn import SETTING_VOLUME, FlockRec, NewFile, PlockRange, SessionRec
-from loftfs.meta.types import ROOT_INODE, Attr, ExtObject, FileType, Slice
+from loftfs.meta.types import ROOT_INODE, Attr, DirEntry, ExtObject, FileType, Slice
 
 # version, type, mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, parent
 ATTR_RECORD = struct.Struct(">BBHIIIQQqqqQ")
@@ -67,7 +68,6 @@ EXT_RECORD = struct.Struct(">BIQQH")
 EXT_VERSION = 1
 
 MGET_BATCH = 1000  # keys per MGET when listing a directory
-LIST_DIR_SCRIPT_MAX = 20_000  # larger directories are listed without a script (no long block)
 CHUNK_BATCH = 256  # chunks read in one round trip
 EXT_BATCH = 1000  # external object records per HMGET/HDEL/HSCAN step
 
@@ -141,47 +141,6 @@ for _, n in ipairs(inodes) do
   redis.call('SREM', KEYS[1], n)
 end
 return 0
-"""
-
-# Read-only (not inside MULTI): a directory's entries with their attributes, as groups of
-# three strings for about 200 entries each: their attribute records (fixed size, back to back),
-# their names joined by "/" and their inode numbers (decimal) joined by "/" ("/" is the one byte
-# besides NUL a name cannot hold). A few bulk replies parse far faster than thousands, and Lua 5.1
-# joins short lists far faster than long ones. Attributes are fetched with MGET, 500 keys a call.
-# nil when the directory has more than ARGV[2] entries. KEYS: P:dN. ARGV: head of attribute keys
-# (P:i), limit.
-LUA_LIST_DIR = """
-if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[2]) then return false end
-local kv = redis.call('HGETALL', KEYS[1])
-local out, attrs, names, inodes, n = {}, {}, {}, {}, 0
-local function flush()
-  out[#out + 1] = table.concat(attrs, '', 1, n)
-  out[#out + 1] = table.concat(names, '/', 1, n)
-  out[#out + 1] = table.concat(inodes, '/', 1, n)
-  n = 0
-end
-for first = 1, #kv, 1000 do
-  local last = math.min(first + 998, #kv - 1)
-  local keys, ids = {}, {}
-  for i = first, last, 2 do
-    local id = string.sub(kv[i + 1], 2)
-    ids[#ids + 1] = id
-    keys[#keys + 1] = ARGV[1] .. id
-  end
-  local got = redis.call('MGET', unpack(keys))
-  for j = 1, #keys do
-    local a = got[j]
-    if a then
-      n = n + 1
-      attrs[n] = a
-      names[n] = kv[first + 2 * j - 2]
-      inodes[n] = ids[j]
-      if n == 200 then flush() end
-    end
-  end
-end
-if n > 0 then flush() end
-return out
 """
 
 # Read-only speculation (not inside MULTI): an entry and the attributes of its inode in one
@@ -283,6 +242,8 @@ class Keys:
 
 
 _TYPES = {t.value: t for t in FileType}
+_ATTR_SIZE = ATTR_RECORD.size
+_unpack_attr = ATTR_RECORD.unpack
 
 
 def pack_attr(a: Attr) -> bytes:
@@ -543,30 +504,32 @@ class RedisTxn:
         key = self.k.dir(parent)
         return bool(self._read1([key], ("EXISTS", key)))
 
-    def list_dir(self, parent: int) -> list[tuple[bytes, Attr]]:
+    def list_dir(self, parent: int) -> Sequence[DirEntry]:
+        """HGETALL, then the attribute records by MGET, every batch in one round trip: two
+        round trips (the directory's own record comes with the second), and native commands (a Lua script that joined the records on the server
+        cost the server 4x the time). Entries whose inode is gone by the MGET (a concurrent
+        unlink) are left out. Decoding is left to the reader (``_Listing``)."""
         dkey = self.k.dir(parent)
-        if not self.write:
-            # one round trip, one consistent view: entries and their attributes by a script
-            reply = self._link.eval_ro(
-                LUA_LIST_DIR, [dkey], [self.k.head + "i", LIST_DIR_SCRIPT_MAX]
-            )
-            if reply is not None:
-                return _parse_listing(reply)
         raw = self._read1([dkey], ("HGETALL", dkey))
-        entries = sorted(_pairs(raw))
-        if not entries:
+        if not raw:
             return []
-        inodes = [unpack_entry(v)[0] for _, v in entries]
-        keys = [self.k.attr(i) for i in inodes]
+        names, values = raw[0::2], raw[1::2]
+        head = (self.k.head + "i").encode()
+        # a value is "<type digit><inode decimal>", an attribute key "P:i<inode decimal>"
+        digits = [v[1:] for v in values]
+        # the directory's own record rides along (callers check it: see NamespaceOps.readdir)
+        own = self.k.attr(parent)
+        keys = [head + d for d in digits]
+        keys.append(own.encode())
         cmds = [("MGET", *keys[i : i + MGET_BATCH]) for i in range(0, len(keys), MGET_BATCH)]
-        values: list[Any] = []
+        records: list[Any] = []
         for part in self._read(keys, cmds):
-            values.extend(part)
-        listed: list[tuple[bytes, Attr]] = []
-        for (name, _), inode, data in zip(entries, inodes, values, strict=True):
-            if data is not None:  # else removed by a concurrent unlink after HGETALL
-                listed.append((name, unpack_attr(inode, data)))
-        return listed
+            records.extend(part)
+        self._cache[own] = records.pop()
+        rows = sorted(zip(names, digits, records, strict=True), key=_first)
+        if None in records:
+            rows = [r for r in rows if r[2] is not None]
+        return _Listing(rows)
 
     # --- symlinks -----------------------------------------------------------------------------
 
@@ -847,30 +810,38 @@ class RedisTxn:
         return int(self._read1([self.k.trash], ("ZCARD", self.k.trash)))
 
 
-def _parse_listing(groups: list[bytes]) -> list[tuple[bytes, Attr]]:
-    """Parse what ``LUA_LIST_DIR`` returns, sorted by name. Written for speed: this runs once
-    per entry of every listing."""
-    if not groups:
-        return []
-    records = b"".join(groups[0::3])
-    names = b"/".join(groups[1::3]).split(b"/")
-    inodes = b"/".join(groups[2::3]).split(b"/")
-    if len(records) != len(names) * ATTR_RECORD.size or len(inodes) != len(names):
-        raise MetaUnavailable("directory listing of an unknown format")
-    types = _TYPES
-    out: list[tuple[bytes, Attr]] = []
-    append = out.append
-    listed = zip(names, map(int, inodes), ATTR_RECORD.iter_unpack(records), strict=True)
-    for name, inode, f in listed:
-        if f[0] != ATTR_VERSION or f[1] not in types:
-            raise MetaUnavailable(f"inode {inode}: attribute record of an unknown format")
-        append((name, Attr(inode, types[f[1]], *f[2:])))
-    out.sort(key=_first)
-    return out
+class _Listing(Sequence[DirEntry]):
+    """A directory's entries in name order, each decoded from its attribute record when read.
+    A listing is paged out to the kernel a few hundred entries a request, so the decoding is
+    spread over the pages (and done while the kernel takes in the previous page, see
+    ``loftfs.fuse.ll_ops``) instead of all before the first page."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: list[tuple[bytes, bytes, bytes]]) -> None:
+        self._rows = rows  # (name, inode decimal, attribute record)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> DirEntry: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[DirEntry]: ...
+
+    def __getitem__(self, index: int | slice) -> DirEntry | list[DirEntry]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self._rows)))]
+        name, digits, record = self._rows[index]
+        inode = int(digits)
+        if len(record) != _ATTR_SIZE or record[0] != ATTR_VERSION or record[1] not in _TYPES:
+            unpack_attr(inode, record)  # raises the reason
+        f = _unpack_attr(record)
+        return DirEntry(name, Attr(inode, _TYPES[f[1]], *f[2:]))
 
 
-def _first(entry: tuple[bytes, Attr]) -> bytes:
-    return entry[0]
+_first = operator.itemgetter(0)
 
 
 def _pairs(flat: list[Any]) -> list[tuple[Any, Any]]:

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from loftfs.chunk.datapath import BlockSlice, DataPath, ReadState
@@ -82,7 +82,7 @@ class FileHandle:
 @dataclass
 class DirHandle:
     inode: int
-    entries: list[DirEntry] | None = None
+    entries: Sequence[DirEntry] | None = None
     self_attr: Attr | None = None
     parent_attr: Attr | None = None
 
@@ -721,17 +721,24 @@ class VFS:
             h.parent_attr.inode = parent
         assert h.self_attr is not None and h.parent_attr is not None
         dots: list[tuple[bytes, Attr]] = [(b".", h.self_attr), (b"..", h.parent_attr)]
-        return self._entries_from(dots[offset:], h.entries[max(0, offset - 2) :], sizes)
+        return self._entries_from(dots[offset:], h.entries, max(0, offset - 2), sizes)
 
     def _entries_from(
-        self, dots: list[tuple[bytes, Attr]], entries: list[DirEntry], sizes: bool
+        self, dots: list[tuple[bytes, Attr]], entries: Sequence[DirEntry], start: int, sizes: bool
     ) -> Iterator[tuple[bytes, Attr]]:
+        """Entries by index: an engine's listing may decode each entry when read (a slice
+        would decode the rest of the listing for every page)."""
         yield from dots
         if not sizes:
-            yield from entries
+            for i in range(start, len(entries)):
+                yield entries[i]
             return
-        for e in entries:
-            yield e.name, self._with_dirty(e.attr)
+        written = self.data.written()  # _with_dirty only where it may change something
+        for i in range(start, len(entries)):
+            name, attr = entries[i]
+            if attr.inode in written or attr.rdev == LAZY_MARK:
+                attr = self._with_dirty(attr)
+            yield name, attr
 
     def releasedir(self, fh: int) -> None:
         with self._lock:
