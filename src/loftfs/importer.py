@@ -367,6 +367,8 @@ class Importer:
             for info in self.store.list(prefix, delimiter="/"):
                 present.add(info.key[len(prefix) :].rstrip("/"))
             for e in entries:
+                if e.attr.nlink == 0:
+                    continue  # removed while listed
                 name = _decode(e.name)
                 if e.attr.type == FileType.DIR:
                     stack.append((e.attr.inode, f"{prefix}{name}/"))

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import platform
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -20,6 +21,7 @@ from loftfs.errors import FSError
 from loftfs.fuse import ll_abi as abi
 from loftfs.fuse.ll_locks import LockWaiters
 from loftfs.fuse.ll_ops import (
+    _DIRENTPLUS,
     _timeout,
     dirent_page,
     direntplus_page,
@@ -28,7 +30,7 @@ from loftfs.fuse.ll_ops import (
     lock_range,
 )
 from loftfs.fuse.lowlevel import fuse_argv
-from loftfs.meta.types import LOCK_EOF, Attr, FileType
+from loftfs.meta.types import LOCK_EOF, Attr, AttrRow, FileType
 
 HEADERS = Path("/usr/include/fuse3/fuse_lowlevel.h")
 
@@ -286,11 +288,12 @@ def test_readdirplus_page_equals_libfuse(
         if n > room:
             break
         pos += n
-        expected.append(attr)
-    reported: list[Attr] = []
-    page = direntplus_page(iter(entries), first, size, *(_timeout(t) for t in timeouts), reported)
+        expected.append(attr.row())
+    rows = ((name, attr.row()) for name, attr in entries)
+    listed: list[AttrRow] = []
+    page = direntplus_page(rows, first, size, *(_timeout(t) for t in timeouts), listed)
     assert page == theirs.raw[:pos]
-    assert reported == expected
+    assert listed == expected
 
 
 @given(
@@ -315,4 +318,24 @@ def test_readdir_page_equals_libfuse(
         if n > room:
             break
         pos += n
-    assert dirent_page(iter(entries), first, size) == theirs.raw[:pos]
+    listed: list[AttrRow] = []
+    assert dirent_page(((n, a.row()) for n, a in entries), first, size, listed) == theirs.raw[:pos]
+    assert listed == [a.row() for _, a in entries[: len(listed)]]
+
+
+def test_entry_without_attributes_has_nodeid_zero() -> None:
+    """An entry whose inode was removed while listed (nlink 0, see Listing) goes out with
+    nodeid 0, which the kernel reads as "no attributes" (it makes no dentry), and keeps its
+    inode number and type in the dirent part; the others are unchanged."""
+    gone = (7, FileType.FILE, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    alive = Attr(8, FileType.DIR, 0o755, 1, 2, nlink=2).row()
+    listed: list[AttrRow] = []
+    page = direntplus_page(
+        [(b"gone", gone), (b"alive", alive)], 3, 4096, (1, 0), (1, 0), (1, 0), listed
+    )
+    assert listed == [gone, alive]
+    head = _DIRENTPLUS.size
+    first = _DIRENTPLUS.unpack_from(page, 0)
+    assert first[0] == 0 and first[22:] == (7, 3, 4, stat.S_IFREG >> 12)
+    second = _DIRENTPLUS.unpack_from(page, head + 8)
+    assert second[0] == 8 and second[22:] == (8, 4, 5, stat.S_IFDIR >> 12)

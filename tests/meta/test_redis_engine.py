@@ -555,27 +555,44 @@ def test_big_directories_and_files_in_batches(
     meta.destroy_volume()
 
 
-def test_listing_leaves_out_entries_whose_inode_is_gone(
-    redis_server: RedisServer, opened: Callable[[str], RedisMeta]
+def test_listing_reads_attributes_as_it_is_read(
+    redis_server: RedisServer, opened: Callable[[str], RedisMeta], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An entry read by HGETALL whose attribute record is gone by the MGET (a concurrent
-    unlink; here the record is deleted behind the engine's back) is not listed; a record of an
-    unknown format fails the listing with a clear error, not a wrong entry."""
+    """readdir reads the entries and a first batch of attribute records; the rest are read
+    when the listing gets to them, so they are as of then. An entry whose record is gone by
+    its read (a concurrent unlink; here deleted behind the engine's back) keeps its place
+    with nlink 0, its inode and type only; the one-shot listing (dump) leaves it out. A record
+    of an unknown format fails with a clear error, not a wrong entry."""
+    monkeypatch.setattr(redis_txn, "MGET_BATCH", 2)
     prefix = "gone" + uid()
     meta = opened(redis_server.url(db=6, prefix=prefix))
     meta.init_volume(VolumeSettings(name="gone"))
     d = meta.mkdir(C, ROOT, b"d", 0o755)
-    made = {n: meta.mknod(C, d.inode, n, FileType.FILE, 0o644) for n in (b"a", b"b", b"c")}
+    names = [b"a", b"b", b"c", b"d", b"e"]
+    made = {n: meta.mknod(C, d.inode, n, FileType.FILE, 0o644) for n in names}
     client = redis_py.Redis(port=redis_server.port, db=6, password=redis_server.password)
     try:
-        client.delete(f"{prefix}:i{made[b'b'].inode}")
+        client.delete(f"{prefix}:i{made[b'b'].inode}")  # in the first batch
         listing = meta.readdir(C, d.inode)
-        assert [(e.name, e.attr) for e in listing] == [(b"a", made[b"a"]), (b"c", made[b"c"])]
+        meta.setattr(C, made[b"d"].inode, mode=0o600)  # read later: seen
+        client.delete(f"{prefix}:i{made[b'e'].inode}")  # read later: gone
+        assert [e.name for e in listing] == names
+        for i, e in enumerate(listing):
+            assert listing.row(i) == (e.name, e.attr.row())
+        gone = [e.attr for e in listing if e.attr.nlink == 0]
+        assert [(a.inode, a.type, a.size, a.mode) for a in gone] == [
+            (made[b"b"].inode, FileType.FILE, 0, 0),
+            (made[b"e"].inode, FileType.FILE, 0, 0),
+        ]
+        assert listing[3].attr.mode == 0o600 and listing[0].attr == made[b"a"]
+        whole = meta._read(lambda tx: tx.list_dir(d.inode))
+        assert [e.name for e in whole] == [b"a", b"c", b"d"]
         client.set(f"{prefix}:i{made[b'c'].inode}", b"\x09" + bytes(63))
         listing = meta.readdir(C, d.inode)
-        assert listing[0].attr == made[b"a"]
         with pytest.raises(MetaUnavailable, match="unknown format"):
-            listing[1]
+            listing.row(2)
+        with pytest.raises(MetaUnavailable, match="unknown format"):
+            listing[2]
     finally:
         client.close()
     meta.destroy_volume()

@@ -21,8 +21,8 @@ import pyfuse3
 import trio
 
 from loftfs.errors import FSError, LoftError
-from loftfs.fuse.common import BLOCK_UNIT, device_number, fill_statvfs
-from loftfs.meta.types import NOW, Attr, Ctx, FileType
+from loftfs.fuse.common import IO_SIZE, device_number, fill_statvfs
+from loftfs.meta.types import NOW, ROW_NLINK, Attr, Ctx, FileType
 from loftfs.metrics import Metrics, is_failure
 from loftfs.vfs.options import MountOptions
 from loftfs.vfs.vfs import VFS
@@ -121,7 +121,7 @@ class FuseOperations(pyfuse3.Operations):
         e.st_gid = attr.gid
         e.st_rdev = device_number(attr)
         e.st_size = attr.size
-        e.st_blksize = BLOCK_UNIT
+        e.st_blksize = IO_SIZE
         e.st_blocks = (attr.size + 511) // 512
         e.st_atime_ns = attr.atime_ns
         e.st_mtime_ns = attr.mtime_ns
@@ -297,8 +297,10 @@ class FuseOperations(pyfuse3.Operations):
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         entries = await self._run(self.vfs.readdir, Ctx(), fh, start_id)
-        for i, (name, attr) in enumerate(entries, start=start_id + 1):
-            if not pyfuse3.readdir_reply(token, name, self._entry(attr), i):
+        for i, (name, row) in enumerate(entries, start=start_id + 1):
+            if row[ROW_NLINK] == 0:
+                continue  # removed while it was listed (see Listing): pyfuse3 cannot say so
+            if not pyfuse3.readdir_reply(token, name, self._entry(Attr(*row)), i):
                 break
 
     async def releasedir(self, fh: int) -> None:

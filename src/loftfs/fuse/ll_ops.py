@@ -25,10 +25,25 @@ from typing import Any
 from loftfs.chunk.reader import BlockSlice
 from loftfs.errors import FSError, LoftError
 from loftfs.fuse import ll_abi as abi
-from loftfs.fuse.common import BLOCK_UNIT, device_number, fill_statvfs
+from loftfs.fuse.common import IO_SIZE, device_number, fill_statvfs
 from loftfs.fuse.ll_locks import LockWaiters
 from loftfs.fuse.ll_threads import ThreadStates
-from loftfs.meta.types import F_RDLCK, F_UNLCK, F_WRLCK, LOCK_EOF, NOW, Attr, Ctx, FileType
+from loftfs.meta.types import (
+    F_RDLCK,
+    F_UNLCK,
+    F_WRLCK,
+    LOCK_EOF,
+    NOW,
+    ROW_INODE,
+    ROW_MTIME,
+    ROW_NLINK,
+    ROW_SIZE,
+    ROW_TYPE,
+    Attr,
+    AttrRow,
+    Ctx,
+    FileType,
+)
 from loftfs.metrics import Metrics, is_failure
 from loftfs.vfs.options import MountOptions
 from loftfs.vfs.vfs import VFS
@@ -106,18 +121,19 @@ _DEVICES = frozenset((FileType.CHR, FileType.BLK))  # see device_number
 
 
 def direntplus_page(
-    entries: Iterable[tuple[bytes, Attr]],
+    entries: Iterable[tuple[bytes, AttrRow]],
     first_index: int,
     size: int,
     file_timeout: tuple[int, int],
     dir_timeout: tuple[int, int],
     attr_timeout: tuple[int, int],
-    reported: list[Attr],
+    listed: list[AttrRow],
 ) -> bytes:
     """A READDIRPLUS reply of at most ``size`` bytes: the entries that fit, each with its
     attributes and its index (``first_index`` on) as the offset of the next one, byte for byte
-    what fuse_add_direntry_plus writes. The attributes of the entries packed are appended to
-    ``reported`` (the kernel now holds them)."""
+    what fuse_add_direntry_plus writes. The rows of the entries packed are appended to
+    ``listed`` (the kernel now holds their attributes). Runs once per entry of every listing:
+    rows, not ``Attr`` objects, and everything it can hoisted out of the loop."""
     parts: list[bytes] = []
     add = parts.append
     pack = _DIRENTPLUS.pack
@@ -125,59 +141,70 @@ def direntplus_page(
     ifmt = _IFMT_OF
     devices = _DEVICES
     directory = FileType.DIR
+    f_s, f_ns = file_timeout
+    d_s, d_ns = dir_timeout
+    a_s, a_ns = attr_timeout
     pos = 0
-    for index, (name, attr) in enumerate(entries, start=first_index):
+    index = first_index
+    for name, row in entries:
         length = len(name)
         padded = (head + length + _DIRENT_ALIGN - 1) & ~(_DIRENT_ALIGN - 1)
         pos += padded
         if pos > size:
             break
-        kind = attr.type
-        mode = ifmt[kind] | (attr.mode & 0o7777)
-        entry_t = dir_timeout if kind is directory else file_timeout
-        a_s, a_ns = divmod(attr.atime_ns, _NS)
-        m_s, m_ns = divmod(attr.mtime_ns, _NS)
-        c_s, c_ns = divmod(attr.ctime_ns, _NS)
-        ino = attr.inode
+        ino, kind, mode, uid, gid, nlink, fsize, rdev, atime, mtime, ctime = row
+        # nodeid 0: no attributes (an entry whose inode was removed while it was listed, see
+        # Listing); the kernel lists the name and makes no dentry of it
+        node = ino if nlink else 0
+        mode = ifmt[kind] | (mode & 0o7777)
+        at_s, at_ns = divmod(atime, _NS)
+        mt_s, mt_ns = divmod(mtime, _NS)
+        ct_s, ct_ns = divmod(ctime, _NS)
+        if kind is directory:
+            e_s, e_ns = d_s, d_ns
+        else:
+            e_s, e_ns = f_s, f_ns
         add(
             pack(
-                ino, 0, entry_t[0], attr_timeout[0], entry_t[1], attr_timeout[1],
-                ino, attr.size, (attr.size + 511) >> 9, a_s, m_s, c_s, a_ns, m_ns, c_ns,
-                mode, attr.nlink, attr.uid, attr.gid, attr.rdev if kind in devices else 0,
-                BLOCK_UNIT, 0, ino, index, length, mode >> 12,
+                node, 0, e_s, a_s, e_ns, a_ns,
+                ino, fsize, (fsize + 511) >> 9, at_s, mt_s, ct_s, at_ns, mt_ns, ct_ns,
+                mode, nlink, uid, gid, rdev if kind in devices else 0, IO_SIZE, 0,
+                ino, index, length, mode >> 12,
             )
         )  # fmt: skip
         add(name)
         add(_PADDING[padded - head - length])
-        reported.append(attr)
+        listed.append(row)
+        index += 1
     return b"".join(parts)
 
 
 def dirent_page(
-    entries: Iterable[tuple[bytes, Attr]],
+    entries: Iterable[tuple[bytes, AttrRow]],
     first_index: int,
     size: int,
-    listed: list[Attr] | None = None,
+    listed: list[AttrRow] | None = None,
 ) -> bytes:
     """A READDIR reply of at most ``size`` bytes: names, inodes and types of the entries that
-    fit, byte for byte what fuse_add_direntry writes. The attributes of the entries packed are
+    fit, byte for byte what fuse_add_direntry writes. The rows of the entries packed are
     appended to ``listed`` when given."""
     parts: list[bytes] = []
     add = parts.append
     pack = _DIRENT.pack
     head = _DIRENT.size
+    ifmt = _IFMT_OF
     pos = 0
-    for index, (name, attr) in enumerate(entries, start=first_index):
+    for index, (name, row) in enumerate(entries, start=first_index):
         length = len(name)
         padded = (head + length + _DIRENT_ALIGN - 1) & ~(_DIRENT_ALIGN - 1)
         pos += padded
         if pos > size:
             break
-        add(pack(attr.inode, index, length, attr.type.ifmt >> 12))
+        add(pack(row[ROW_INODE], index, length, ifmt[row[ROW_TYPE]] >> 12))
         add(name)
         add(_PADDING[padded - head - length])
         if listed is not None:
-            listed.append(attr)
+            listed.append(row)
     return b"".join(parts)
 
 
@@ -189,7 +216,7 @@ def fill_stat(st: abi.Stat, attr: Attr) -> None:
     st.st_gid = attr.gid
     st.st_rdev = device_number(attr)
     st.st_size = attr.size
-    st.st_blksize = BLOCK_UNIT
+    st.st_blksize = IO_SIZE
     st.st_blocks = (attr.size + 511) // 512
     _set_ts(st.st_atim, attr.atime_ns)
     _set_ts(st.st_mtim, attr.mtime_ns)
@@ -227,7 +254,7 @@ class _NextPage:
         self.lock = threading.Lock()
         self.key: tuple[int, int, bool] | None = None  # (offset, size, plus) it answers
         self.page = b""
-        self.listed: list[Attr] = []
+        self.listed: list[AttrRow] = []
 
 
 class LowLevelOperations:
@@ -271,8 +298,9 @@ class LowLevelOperations:
         table = abi.LowLevelOps()
         table.init = abi.INIT(self._init_callback)
         table.destroy = abi.DESTROY(self._destroy_callback)
-        table.forget = abi.FORGET(self._forget_callback)
-        table.forget_multi = abi.FORGET_MULTI(self._forget_callback)
+        # No forget/forget_multi: inodes live in the metadata engine, not in memory, so there
+        # is nothing to forget, and without a handler libfuse answers in C (a cache drop
+        # forgets every inode the kernel held: no call into Python for it).
         handlers: dict[str, Callable[..., None]] = {
             "lookup": self.lookup,
             "getattr": self.getattr,
@@ -392,11 +420,14 @@ class LowLevelOperations:
     def _remember_reported(self, attr: Attr) -> None:
         """Note the (size, mtime) the kernel now caches for a regular file."""
         if attr.type == FileType.FILE:
-            reported = self._reported
-            if len(reported) >= REPORTED_MAX:
-                for key in list(itertools.islice(reported, REPORTED_MAX // 2)):
-                    reported.pop(key, None)
-            reported[attr.inode] = (attr.size, attr.mtime_ns)
+            self._make_room(1)
+            self._reported[attr.inode] = (attr.size, attr.mtime_ns)
+
+    def _make_room(self, n: int) -> None:
+        reported = self._reported
+        if len(reported) + n > REPORTED_MAX:
+            for key in list(itertools.islice(reported, max(n, REPORTED_MAX // 2))):
+                reported.pop(key, None)
 
     def _entry(self, attr: Attr) -> abi.EntryParam:
         self._remember_reported(attr)
@@ -482,13 +513,6 @@ class LowLevelOperations:
 
     def _destroy_callback(self, userdata: int) -> None:
         return None  # unmount work (committing buffered data) is done by the mount's owner
-
-    def _forget_callback(self, req: int, *args: Any) -> None:
-        # Inodes live in the metadata engine, not in memory: nothing to forget.
-        try:
-            self.lib.fuse_reply_none(req)
-        except BaseException:
-            pass
 
     # --- attributes ------------------------------------------------------------------------------
 
@@ -799,17 +823,22 @@ class LowLevelOperations:
                     return
                 nxt.key = (following, size, plus)
 
-    def _send_page(self, req: int, page: bytes, listed: list[Attr], plus: bool) -> None:
+    def _send_page(self, req: int, page: bytes, listed: list[AttrRow], plus: bool) -> None:
         self.lib.fuse_reply_buf(req, page, len(page))
         if plus:  # the kernel now holds these attributes
-            for attr in listed:
-                self._remember_reported(attr)
+            regular = FileType.FILE
+            self._make_room(len(listed))
+            self._reported.update(
+                (r[ROW_INODE], (r[ROW_SIZE], r[ROW_MTIME]))
+                for r in listed
+                if r[ROW_TYPE] is regular and r[ROW_NLINK]
+            )
 
-    def _dir_page(self, fh: int, off: int, size: int, plus: bool) -> tuple[bytes, list[Attr]]:
+    def _dir_page(self, fh: int, off: int, size: int, plus: bool) -> tuple[bytes, list[AttrRow]]:
         """One READDIR(PLUS) reply from entry ``off`` on, and the attributes of its entries."""
         # Permission to list was checked at opendir, as on a local file system.
         entries = self.vfs.readdir(ROOT, fh, off, sizes=plus)
-        listed: list[Attr] = []
+        listed: list[AttrRow] = []
         if plus:
             page = direntplus_page(
                 entries,

@@ -16,11 +16,11 @@ from loftfs.meta.types import (
     Attr,
     BatchResult,
     Ctx,
-    DirEntry,
     ExtObject,
     FileType,
     ImportItem,
     ImportOwner,
+    Listing,
     SessionInfo,
     Slice,
     StatFS,
@@ -156,9 +156,11 @@ class Meta(ABC):
         """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE; a replaced target is unlinked."""
 
     @abstractmethod
-    def readdir(self, ctx: Ctx, inode: int) -> Sequence[DirEntry]:
+    def readdir(self, ctx: Ctx, inode: int) -> Listing:
         """All entries of a directory with their attributes, without ``.`` and ``..``, in a stable
-        order. Needs read permission. An engine may decode each entry when it is read."""
+        order. Needs read permission. An engine may decode each entry when it is read, and read
+        attributes then too: an entry whose inode was removed in between comes with nlink 0 and
+        no other attributes."""
 
     # --- open files ---------------------------------------------------------------------------
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
 
 from loftfs.errors import FSError
 from loftfs.meta import perm
@@ -29,8 +28,8 @@ from loftfs.meta.types import (
     X_OK,
     Attr,
     Ctx,
-    DirEntry,
     FileType,
+    Listing,
     Slice,
 )
 
@@ -422,15 +421,19 @@ class NamespaceOps(MetaCore):
 
     # --- listing ------------------------------------------------------------------------------
 
-    def readdir(self, ctx: Ctx, inode: int) -> Sequence[DirEntry]:
-        def fn(tx: Txn) -> Sequence[DirEntry]:
+    def readdir(self, ctx: Ctx, inode: int) -> Listing:
+        def fn(tx: Txn) -> Listing:
             # listed first: an engine may read the directory's attributes with its entries
-            listing = tx.list_dir(inode)
+            listing = self._listing(tx, inode)
             attr = self._get_dir(tx, inode)
             perm.check(ctx, attr, R_OK)
             return listing
 
         return self._read(fn)
+
+    def _listing(self, tx: Txn, inode: int) -> Listing:
+        """What ``readdir`` returns; an engine may have it read attributes as it is read."""
+        return tx.list_dir(inode)
 
     # --- open files ---------------------------------------------------------------------------
 

@@ -92,7 +92,16 @@ from loftfs.meta.redis_txn import (
     unpack_slices,
 )
 from loftfs.meta.txn import Txn
-from loftfs.meta.types import MAX_NAME, X_OK, Attr, Ctx, FileType, Slice, VolumeSettings
+from loftfs.meta.types import (
+    MAX_NAME,
+    X_OK,
+    Attr,
+    Ctx,
+    FileType,
+    Listing,
+    Slice,
+    VolumeSettings,
+)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -478,6 +487,20 @@ class RedisMeta(BaseMeta):
         perm.check_open(ctx, attr, mask)
         slices = unpack_slices(result[1]) if attr.type == FileType.FILE else None
         return attr, slices
+
+    def _listing(self, tx: Txn, inode: int) -> Listing:
+        """Entries and a first batch of attributes now, the rest as the listing is read."""
+        assert isinstance(tx, RedisTxn)
+        return tx.list_dir(inode, later=self._records)
+
+    def _records(self, keys: list[bytes]) -> list[bytes | None]:
+        def fn(tx: RedisTxn) -> list[bytes | None]:
+            reply = tx.server_call([("MGET", *keys)])[0]
+            if isinstance(reply, Exception):
+                raise reply
+            return list(reply)
+
+        return self._run(fn, False)
 
     def lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
         """``lookup`` in one round trip (a Lua script reads the parent, the entry and the

@@ -47,14 +47,26 @@ from __future__ import annotations
 
 import operator
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, overload
 
 from redis.exceptions import ResponseError
 
 from loftfs.errors import MetaUnavailable, NotFormatted
 from loftfs.meta.txn import SETTING_VOLUME, FlockRec, NewFile, PlockRange, SessionRec
-from loftfs.meta.types import ROOT_INODE, Attr, DirEntry, ExtObject, FileType, Slice
+from loftfs.meta.types import (
+    ROOT_INODE,
+    ROW_INODE,
+    Attr,
+    AttrRow,
+    DirEntry,
+    EntryList,
+    ExtObject,
+    FileType,
+    Listing,
+    Slice,
+)
 
 # version, type, mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, parent
 ATTR_RECORD = struct.Struct(">BBHIIIQQqqqQ")
@@ -68,6 +80,8 @@ EXT_RECORD = struct.Struct(">BIQQH")
 EXT_VERSION = 1
 
 MGET_BATCH = 1000  # keys per MGET when listing a directory
+# reads the attribute records of these keys (MGET) in a read of its own: see RedisTxn.list_dir
+ReadRecords = Callable[[list[bytes]], list[bytes | None]]
 CHUNK_BATCH = 256  # chunks read in one round trip
 EXT_BATCH = 1000  # external object records per HMGET/HDEL/HSCAN step
 
@@ -242,7 +256,6 @@ class Keys:
 
 
 _TYPES = {t.value: t for t in FileType}
-_ATTR_SIZE = ATTR_RECORD.size
 _unpack_attr = ATTR_RECORD.unpack
 
 
@@ -504,32 +517,36 @@ class RedisTxn:
         key = self.k.dir(parent)
         return bool(self._read1([key], ("EXISTS", key)))
 
-    def list_dir(self, parent: int) -> Sequence[DirEntry]:
-        """HGETALL, then the attribute records by MGET, every batch in one round trip: two
-        round trips (the directory's own record comes with the second), and native commands (a Lua script that joined the records on the server
-        cost the server 4x the time). Entries whose inode is gone by the MGET (a concurrent
-        unlink) are left out. Decoding is left to the reader (``_Listing``)."""
+    def list_dir(self, parent: int, later: ReadRecords | None = None) -> Listing:
+        """HGETALL, then the attribute records by MGET, a batch per command, in one round
+        trip; the directory's own record comes with them. Native commands: a Lua script that
+        joined the records on the server cost the server 4x the time.
+
+        With ``later`` (a function that reads records in a read of its own) only the first
+        batch is read here and the rest as the listing is read: a large listing starts paging
+        out after two round trips, and its records are read while the kernel takes in the
+        pages before. An entry whose inode is gone by its MGET (a concurrent unlink) is left
+        out without ``later``; with it, it stays (the indexes of a listing are fixed from the
+        first page on) as an entry without attributes (see ``_Listing``)."""
         dkey = self.k.dir(parent)
         raw = self._read1([dkey], ("HGETALL", dkey))
         if not raw:
-            return []
-        names, values = raw[0::2], raw[1::2]
+            return EntryList()
+        # (name, "<type digit><inode decimal>"); names are unique: sorted by name alone
+        rows = sorted(zip(raw[0::2], raw[1::2], strict=True), key=_first)
         head = (self.k.head + "i").encode()
-        # a value is "<type digit><inode decimal>", an attribute key "P:i<inode decimal>"
-        digits = [v[1:] for v in values]
-        # the directory's own record rides along (callers check it: see NamespaceOps.readdir)
+        keys = [head + v[1:] for _, v in rows]  # attribute keys: "P:i<inode decimal>"
         own = self.k.attr(parent)
-        keys = [head + d for d in digits]
-        keys.append(own.encode())
-        cmds = [("MGET", *keys[i : i + MGET_BATCH]) for i in range(0, len(keys), MGET_BATCH)]
-        records: list[Any] = []
-        for part in self._read(keys, cmds):
+        now = [*keys[: MGET_BATCH if later else len(keys)], own.encode()]
+        cmds = [("MGET", *now[i : i + MGET_BATCH]) for i in range(0, len(now), MGET_BATCH)]
+        records: list[bytes | None] = []
+        for part in self._read(now, cmds):
             records.extend(part)
         self._cache[own] = records.pop()
-        rows = sorted(zip(names, digits, records, strict=True), key=_first)
-        if None in records:
-            rows = [r for r in rows if r[2] is not None]
-        return _Listing(rows)
+        if later is None and None in records:
+            kept = [i for i, r in enumerate(records) if r is not None]
+            rows, records = [rows[i] for i in kept], [records[i] for i in kept]
+        return _Listing(rows, records, keys, later)
 
     # --- symlinks -----------------------------------------------------------------------------
 
@@ -810,16 +827,32 @@ class RedisTxn:
         return int(self._read1([self.k.trash], ("ZCARD", self.k.trash)))
 
 
-class _Listing(Sequence[DirEntry]):
+class _Listing(Listing):
     """A directory's entries in name order, each decoded from its attribute record when read.
     A listing is paged out to the kernel a few hundred entries a request, so the decoding is
     spread over the pages (and done while the kernel takes in the previous page, see
-    ``loftfs.fuse.ll_ops``) instead of all before the first page."""
+    ``loftfs.fuse.ll_ops``) instead of all before the first page; pages are packed from
+    ``row``, which builds no ``Attr``.
 
-    __slots__ = ("_rows",)
+    Records past those read with the entries are read by ``later``, ``MGET_BATCH`` at a time,
+    when first needed. An entry whose record is missing then (its inode was removed since the
+    entries were read) has only its name, inode number and type: nlink 0 and every other
+    attribute 0."""
 
-    def __init__(self, rows: list[tuple[bytes, bytes, bytes]]) -> None:
-        self._rows = rows  # (name, inode decimal, attribute record)
+    __slots__ = ("_keys", "_later", "_lock", "_records", "_rows")
+
+    def __init__(
+        self,
+        rows: list[tuple[bytes, bytes]],
+        records: list[bytes | None],
+        keys: list[bytes],
+        later: ReadRecords | None,
+    ) -> None:
+        self._rows = rows  # (name, hash value: "<type digit><inode decimal>")
+        self._records = records  # of the first len(records) entries
+        self._keys = keys
+        self._later = later
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -833,12 +866,39 @@ class _Listing(Sequence[DirEntry]):
     def __getitem__(self, index: int | slice) -> DirEntry | list[DirEntry]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self._rows)))]
-        name, digits, record = self._rows[index]
-        inode = int(digits)
-        if len(record) != _ATTR_SIZE or record[0] != ATTR_VERSION or record[1] not in _TYPES:
-            unpack_attr(inode, record)  # raises the reason
-        f = _unpack_attr(record)
-        return DirEntry(name, Attr(inode, _TYPES[f[1]], *f[2:]))
+        name, row = self.row(index)
+        record = self._record(index)
+        return DirEntry(name, Attr(*row) if record is None else unpack_attr(row[ROW_INODE], record))
+
+    def row(self, index: int) -> tuple[bytes, AttrRow]:
+        name, value = self._rows[index]
+        record = self._record(index)
+        if record is not None:
+            try:
+                f = _unpack_attr(record)
+                if f[0] == ATTR_VERSION:
+                    return name, (int(value[1:]), _TYPES[f[1]], *f[2:11])
+            except (struct.error, KeyError):
+                pass
+            unpack_attr(int(value[1:]), record)  # raises the reason
+        inode, kind = unpack_entry(value)
+        return name, (inode, kind, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+    def _record(self, index: int) -> bytes | None:
+        if index < 0:
+            index += len(self._rows)
+        records = self._records
+        if index < len(records):
+            return records[index]
+        assert self._later is not None  # without it every record was read at once
+        with self._lock:  # one reader extends the list at a time: records stay aligned
+            while len(records) <= index:
+                start = len(records)
+                got = self._later(self._keys[start : start + MGET_BATCH])
+                if len(got) != len(self._keys[start : start + MGET_BATCH]):
+                    raise MetaUnavailable("a listing's attribute records came back short")
+                records.extend(got)
+        return records[index]
 
 
 _first = operator.itemgetter(0)

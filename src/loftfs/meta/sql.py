@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from loftfs.errors import MetaUnavailable, NotFormatted
 from loftfs.meta.base import BaseMeta
 from loftfs.meta.txn import SETTING_VOLUME, FlockRec, NewFile, PlockRange, SessionRec, Txn
-from loftfs.meta.types import Attr, DirEntry, ExtObject, FileType, Slice
+from loftfs.meta.types import Attr, DirEntry, EntryList, ExtObject, FileType, Slice
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -320,13 +320,13 @@ class SQLTxn:
     def has_entries(self, parent: int) -> bool:
         return self._one("SELECT 1 FROM loft_edge WHERE parent = ? LIMIT 1", (parent,)) is not None
 
-    def list_dir(self, parent: int) -> list[DirEntry]:
+    def list_dir(self, parent: int) -> EntryList:
         rows = self._all(
             f"SELECT e.name, {_JOINED_NODE_COLS} FROM loft_edge e "
             "JOIN loft_node n ON n.inode = e.inode WHERE e.parent = ? ORDER BY e.name",
             (parent,),
         )
-        return [DirEntry(bytes(r[0]), _attr(r[1:])) for r in rows]
+        return EntryList(DirEntry(bytes(r[0]), _attr(r[1:])) for r in rows)
 
     # --- symlinks -----------------------------------------------------------------------------
     def get_symlink(self, inode: int) -> bytes | None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from loftfs.meta.types import Attr, DirEntry, ExtObject, FileType, Slice
+from loftfs.meta.types import Attr, ExtObject, FileType, Listing, Slice
 
 T = TypeVar("T")
 
@@ -118,7 +118,7 @@ class Txn(Protocol):
 
     def del_entry(self, parent: int, name: bytes) -> None: ...
     def has_entries(self, parent: int) -> bool: ...
-    def list_dir(self, parent: int) -> Sequence[DirEntry]:
+    def list_dir(self, parent: int) -> Listing:
         """The entries of ``parent`` with their attributes, ordered by name."""
         ...
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import stat
 import uuid as _uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 CHUNK_SIZE = 64 << 20  # a file is split into chunks of this many bytes by offset
 ROOT_INODE = 1
@@ -92,6 +93,23 @@ class Attr:
     def copy(self) -> Attr:
         return Attr(**{f: getattr(self, f) for f in self.__slots__})  # type: ignore[attr-defined]
 
+    def row(self) -> AttrRow:
+        return (
+            self.inode, self.type, self.mode, self.uid, self.gid, self.nlink, self.size,
+            self.rdev, self.atime_ns, self.mtime_ns, self.ctime_ns,
+        )  # fmt: skip
+
+
+# An Attr's fields as a plain tuple, inode to ctime_ns (``parent`` left out): what listing pages
+# are packed from, built without an Attr object per entry. Indexes below.
+AttrRow = tuple[int, "FileType", int, int, int, int, int, int, int, int, int]
+ROW_INODE: Final = 0
+ROW_TYPE: Final = 1
+ROW_NLINK: Final = 5
+ROW_SIZE: Final = 6
+ROW_RDEV: Final = 7
+ROW_MTIME: Final = 9
+
 
 @dataclass(frozen=True, slots=True)
 class Ctx:
@@ -115,6 +133,24 @@ class DirEntry(NamedTuple):
 
     name: bytes
     attr: Attr
+
+
+class Listing(Sequence[DirEntry]):
+    """A directory's entries in name order, by index (what ``Meta.readdir`` returns). ``row``
+    gives entry ``index`` as ``(name, AttrRow)`` without an ``Attr``: engines that keep their
+    records and decode an entry when it is read override it (``loftfs.meta.redis_txn``)."""
+
+    __slots__ = ()
+
+    def row(self, index: int) -> tuple[bytes, AttrRow]:
+        name, attr = self[index]
+        return name, attr.row()
+
+
+class EntryList(list[DirEntry], Listing):
+    """A listing decoded up front."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from loftfs.chunk.datapath import BlockSlice, DataPath, ReadState
@@ -29,10 +29,15 @@ from loftfs.meta.ops_import import LAZY_MARK
 from loftfs.meta.types import (
     FALLOC_FL_KEEP_SIZE,
     ROOT_CTX,
+    ROW_INODE,
+    ROW_RDEV,
+    ROW_SIZE,
+    ROW_TYPE,
     Attr,
+    AttrRow,
     Ctx,
-    DirEntry,
     FileType,
+    Listing,
     StatFS,
     VolumeSettings,
 )
@@ -82,7 +87,7 @@ class FileHandle:
 @dataclass
 class DirHandle:
     inode: int
-    entries: Sequence[DirEntry] | None = None
+    entries: Listing | None = None
     self_attr: Attr | None = None
     parent_attr: Attr | None = None
 
@@ -692,14 +697,16 @@ class VFS:
 
     def readdir(
         self, ctx: Ctx, fh: int, offset: int, *, sizes: bool = True
-    ) -> Iterator[tuple[bytes, Attr]]:
-        """Entries from index ``offset`` on, ``.`` and ``..`` first. The listing is taken once
-        per handle (at offset 0) so that paging through a changing directory stays stable.
+    ) -> Iterator[tuple[bytes, AttrRow]]:
+        """Entries from index ``offset`` on, ``.`` and ``..`` first, as (name, attribute row).
+        The listing is taken once per handle (at offset 0) so that paging through a changing
+        directory stays stable.
 
         The metadata is read here; the entries are produced lazily, so a reply page that holds
-        200 entries of a large directory converts 200, not the whole listing. ``sizes=False``:
-        the caller uses only names, inodes and types (a plain page), so the sizes of files
-        being written here are not looked up."""
+        200 entries of a large directory converts 200, not the whole listing, and no ``Attr``
+        is built for them (see ``Listing.row``). ``sizes=False``: the caller uses only names,
+        inodes and types (a plain page), so the sizes of files being written here are not
+        looked up."""
         h = self._dirs.get(fh)
         if h is None:
             raise FSError(errno.EBADF)
@@ -720,25 +727,32 @@ class VFS:
             h.parent_attr = h.self_attr.copy()
             h.parent_attr.inode = parent
         assert h.self_attr is not None and h.parent_attr is not None
-        dots: list[tuple[bytes, Attr]] = [(b".", h.self_attr), (b"..", h.parent_attr)]
+        dots = [(b".", h.self_attr.row()), (b"..", h.parent_attr.row())]
         return self._entries_from(dots[offset:], h.entries, max(0, offset - 2), sizes)
 
     def _entries_from(
-        self, dots: list[tuple[bytes, Attr]], entries: Sequence[DirEntry], start: int, sizes: bool
-    ) -> Iterator[tuple[bytes, Attr]]:
-        """Entries by index: an engine's listing may decode each entry when read (a slice
-        would decode the rest of the listing for every page)."""
+        self, dots: list[tuple[bytes, AttrRow]], entries: Listing, start: int, sizes: bool
+    ) -> Iterator[tuple[bytes, AttrRow]]:
+        """Entries by index: a slice of a listing that decodes each entry when read would
+        decode the rest of it for every page."""
         yield from dots
+        row = entries.row
         if not sizes:
             for i in range(start, len(entries)):
-                yield entries[i]
+                yield row(i)
             return
-        written = self.data.written()  # _with_dirty only where it may change something
+        written = self.data.written()  # only these may have a size beyond the engine's
         for i in range(start, len(entries)):
-            name, attr = entries[i]
-            if attr.inode in written or attr.rdev == LAZY_MARK:
-                attr = self._with_dirty(attr)
-            yield name, attr
+            name, r = row(i)
+            inode = r[ROW_INODE]
+            if inode in written and r[ROW_TYPE] is FileType.FILE:
+                dirty = self.data.dirty_size(inode)
+                if dirty > r[ROW_SIZE]:
+                    ino, kind, mode, uid, gid, nlink, _, rdev, at, mt, ct = r
+                    r = (ino, kind, mode, uid, gid, nlink, dirty, rdev, at, mt, ct)
+            elif r[ROW_RDEV] == LAZY_MARK and r[ROW_TYPE] is FileType.DIR:
+                self.lazy.seen(inode)
+            yield name, r
 
     def releasedir(self, fh: int) -> None:
         with self._lock:
