@@ -4,12 +4,17 @@ volume and data path."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from loftfs.meta.types import ROOT_CTX, ROOT_INODE, FileType
+from loftfs.fuse import ll_abi as abi
+from loftfs.fuse import ll_ops
+from loftfs.fuse.ll_ops import LowLevelOperations, direntplus_page
+from loftfs.meta.types import ROOT_CTX, ROOT_INODE, AttrRow, FileType
 from loftfs.vfs.options import MountOptions
 from loftfs.vfs.vfs import VFS
 
@@ -65,3 +70,90 @@ def test_buffered_writes_show_in_listed_sizes(fs: VFS) -> None:
     assert listed_size() == 5100
     fs.release(fh)
     assert listed_size() == 5100 == fs.meta.getattr(attr.inode).size
+
+
+class _Lib:
+    """The few libfuse calls the listing handlers make, recorded (no kernel here)."""
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[int, bytes]] = []
+        self.ctx = abi.FuseCtx(0, 0, 1, 0o022)
+
+    def fuse_req_ctx(self, req: int) -> Any:
+        return ctypes.pointer(self.ctx)
+
+    def fuse_reply_open(self, req: int, fi: Any) -> int:
+        return 0
+
+    def fuse_reply_buf(self, req: int, buf: bytes, size: int) -> int:
+        self.replies.append((req, bytes(buf[:size])))
+        return 0
+
+    def fuse_reply_err(self, req: int, err: int) -> int:
+        self.replies.append((req, b"error %d" % err))
+        return 0
+
+
+def test_pages_packed_ahead_are_bounded_and_released(
+    fs: VFS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After answering a page the handler packs the next one; a listing read page by page
+    equals the pages packed on demand; the pages packed ahead of all handles together stay
+    under PAGES_AHEAD_MAX, and closing a handle gives its room back."""
+    for i in range(300):
+        fh, _ = fs.create(ROOT_CTX, ROOT_INODE, b"entry-%04d" % i, 0o644, os.O_WRONLY)
+        fs.release(fh)
+    lib = _Lib()
+    ops = LowLevelOperations(lib, fs, MountOptions())  # type: ignore[arg-type]
+    size = 4096
+
+    def opened() -> Any:
+        fi = ctypes.pointer(abi.FileInfo())
+        ops.opendir(1, ROOT_INODE, fi)
+        return fi
+
+    def read_all(fi: Any) -> list[bytes]:
+        pages, off = [], 0
+        while True:
+            ops.readdirplus(2, ROOT_INODE, size, off, fi)
+            page = lib.replies[-1][1]
+            if not page:
+                return pages
+            pages.append(page)
+            off += len(list(_entries(page)))
+
+    a = opened()
+    ahead = read_all(a)
+    assert len(ahead) > 5
+    expected, off = [], 0
+    while True:
+        listed: list[AttrRow] = []
+        page = direntplus_page(
+            fs.readdir(ROOT_CTX, int(a.contents.fh), off), off + 1, size,
+            (1, 0), (1, 0), (1, 0), listed,
+        )  # fmt: skip
+        if not page:
+            break
+        expected.append(page)
+        off += len(listed)
+    assert ahead == expected
+    monkeypatch.setattr(ll_ops, "PAGES_AHEAD_MAX", size * 2)
+    handles = [opened() for _ in range(3)]
+    for fi in handles:
+        ops.readdirplus(3, ROOT_INODE, size, 0, fi)
+    kept = [ops._dir_pages[int(fi.contents.fh)].key for fi in handles]
+    assert [k is not None for k in kept] == [True, True, False]  # no room for the third
+    assert ops._ahead_bytes == 2 * size
+    for fi in [a, *handles]:
+        ops.releasedir(4, ROOT_INODE, fi)
+    assert ops._ahead_bytes == 0 and not ops._dir_pages
+
+
+def _entries(page: bytes) -> Iterator[bytes]:
+    """Names in a READDIRPLUS page."""
+    pos = 0
+    while pos < len(page):
+        *_, namelen, _type = ll_ops._DIRENTPLUS.unpack_from(page, pos)
+        head = ll_ops._DIRENTPLUS.size
+        yield page[pos + head : pos + head + namelen]
+        pos += (head + namelen + 7) & ~7

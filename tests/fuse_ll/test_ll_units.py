@@ -279,7 +279,7 @@ def test_readdirplus_page_equals_libfuse(
     expected = []
     for index, (name, attr) in enumerate(entries, start=first):
         e = abi.EntryParam()
-        e.ino = attr.inode
+        e.ino = attr.inode if attr.nlink else 0  # nlink 0: listed without attributes
         fill_stat(e.attr, attr)
         e.attr_timeout = timeouts[2]
         e.entry_timeout = timeouts[1] if attr.type == FileType.DIR else timeouts[0]

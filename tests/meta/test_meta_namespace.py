@@ -226,8 +226,10 @@ def test_readdir(meta: Meta) -> None:
     assert [e.name for e in entries] == sorted([b"b", b"a", b"c\xff", b"\x01", b"z"])
     assert {e.name: e.attr.type for e in entries}[b"z"] == FileType.DIR
     # rows (what listing pages are packed from) say what the entries say, by index
-    for i, e in enumerate(entries):
-        assert entries.row(i) == (e.name, e.attr.row())
+    assert entries.rows(0, 10) == [(e.name, e.attr.row()) for e in entries]
+    assert entries.rows(2, 4) == [(e.name, e.attr.row()) for e in entries[2:4]]
+    assert entries.rows(5, 9) == []
+    for e in entries:
         assert e.attr == meta.getattr(e.attr.inode)
     assert entries[1:3] == list(entries)[1:3]
     with fs_error(errno.ENOTDIR):

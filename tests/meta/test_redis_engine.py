@@ -558,9 +558,9 @@ def test_big_directories_and_files_in_batches(
 def test_listing_reads_attributes_as_it_is_read(
     redis_server: RedisServer, opened: Callable[[str], RedisMeta], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """readdir reads the entries and a first batch of attribute records; the rest are read
-    when the listing gets to them, so they are as of then. An entry whose record is gone by
-    its read (a concurrent unlink; here deleted behind the engine's back) keeps its place
+    """readdir reads the entries and a first batch of attribute records; the rest are read a
+    batch at a time, one batch ahead of what the listing's reader got to, so they are as of
+    then. An entry whose record is gone by its read (a concurrent unlink; here deleted behind the engine's back) keeps its place
     with nlink 0, its inode and type only; the one-shot listing (dump) leaves it out. A record
     of an unknown format fails with a clear error, not a wrong entry."""
     monkeypatch.setattr(redis_txn, "MGET_BATCH", 2)
@@ -568,29 +568,29 @@ def test_listing_reads_attributes_as_it_is_read(
     meta = opened(redis_server.url(db=6, prefix=prefix))
     meta.init_volume(VolumeSettings(name="gone"))
     d = meta.mkdir(C, ROOT, b"d", 0o755)
-    names = [b"a", b"b", b"c", b"d", b"e"]
+    names = [b"a", b"b", b"c", b"d", b"e", b"f"]
     made = {n: meta.mknod(C, d.inode, n, FileType.FILE, 0o644) for n in names}
     client = redis_py.Redis(port=redis_server.port, db=6, password=redis_server.password)
     try:
         client.delete(f"{prefix}:i{made[b'b'].inode}")  # in the first batch
-        listing = meta.readdir(C, d.inode)
-        meta.setattr(C, made[b"d"].inode, mode=0o600)  # read later: seen
-        client.delete(f"{prefix}:i{made[b'e'].inode}")  # read later: gone
+        listing = meta.readdir(C, d.inode)  # reads [a, b], starts reading [c, d]
+        meta.setattr(C, made[b"e"].inode, mode=0o600)  # [e, f] is read later: seen
+        client.delete(f"{prefix}:i{made[b'f'].inode}")  # read later: gone
         assert [e.name for e in listing] == names
-        for i, e in enumerate(listing):
-            assert listing.row(i) == (e.name, e.attr.row())
+        assert listing.rows(0, 99) == [(e.name, e.attr.row()) for e in listing]
+        assert listing.rows(1, 3) == [(e.name, e.attr.row()) for e in listing[1:3]]
         gone = [e.attr for e in listing if e.attr.nlink == 0]
         assert [(a.inode, a.type, a.size, a.mode) for a in gone] == [
             (made[b"b"].inode, FileType.FILE, 0, 0),
-            (made[b"e"].inode, FileType.FILE, 0, 0),
+            (made[b"f"].inode, FileType.FILE, 0, 0),
         ]
-        assert listing[3].attr.mode == 0o600 and listing[0].attr == made[b"a"]
+        assert listing[4].attr.mode == 0o600 and listing[0].attr == made[b"a"]
         whole = meta._read(lambda tx: tx.list_dir(d.inode))
-        assert [e.name for e in whole] == [b"a", b"c", b"d"]
+        assert [e.name for e in whole] == [b"a", b"c", b"d", b"e"]
         client.set(f"{prefix}:i{made[b'c'].inode}", b"\x09" + bytes(63))
         listing = meta.readdir(C, d.inode)
         with pytest.raises(MetaUnavailable, match="unknown format"):
-            listing.row(2)
+            listing.rows(0, 4)
         with pytest.raises(MetaUnavailable, match="unknown format"):
             listing[2]
     finally:

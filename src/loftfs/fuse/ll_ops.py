@@ -54,6 +54,7 @@ MAX_WRITE = 1 << 20  # largest write request (256 pages; libfuse's own buffer li
 MAX_BACKGROUND = 64  # kernel's async requests (readahead, async direct I/O) in flight
 MAX_COPY = 1 << 30  # copy_file_range answers at most this many bytes per request
 GROUPS_GUESS = 32
+PAGES_AHEAD_MAX = 32 << 20  # listing pages packed ahead, all directory handles together
 REPORTED_MAX = 200_000  # files whose reported attributes are remembered (half dropped beyond)
 _NS = 1_000_000_000
 _SUID_SGID = stat.S_ISUID | stat.S_ISGID
@@ -248,13 +249,14 @@ def lock_range(lk: abi.Flock) -> tuple[int, int]:
 class _NextPage:
     """A directory handle's next listing page, packed ahead (see ``_readdir``)."""
 
-    __slots__ = ("key", "listed", "lock", "page")
+    __slots__ = ("key", "listed", "lock", "page", "reserved")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.key: tuple[int, int, bool] | None = None  # (offset, size, plus) it answers
         self.page = b""
         self.listed: list[AttrRow] = []
+        self.reserved = 0  # bytes counted against PAGES_AHEAD_MAX
 
 
 class LowLevelOperations:
@@ -289,6 +291,8 @@ class LowLevelOperations:
         # inode -> (size, mtime_ns) of regular files as last reported to the kernel
         self._reported: dict[int, tuple[int, int]] = {}
         self._dir_pages: dict[int, _NextPage] = {}  # by directory handle
+        self._ahead_bytes = 0  # reserved by pages packed ahead
+        self._ahead_lock = threading.Lock()
         self.session: int | None = None  # the fuse_session, set once it exists
         self.table = self._build_table()
 
@@ -812,16 +816,34 @@ class LowLevelOperations:
                 page, listed = nxt.page, nxt.listed
             else:
                 page, listed = self._dir_page(fh, off, size, plus)
-            nxt.key = None
-            nxt.page, nxt.listed = b"", []
+            self._drop_ahead(nxt)
             self._send_page(req, page, listed, plus)
-            if listed:
+            if listed and self._reserve_ahead(nxt, size):
                 following = off + len(listed)
                 try:
                     nxt.page, nxt.listed = self._dir_page(fh, following, size, plus)
                 except Exception:  # this request is answered: an error is the next one's
+                    self._drop_ahead(nxt)
                     return
                 nxt.key = (following, size, plus)
+
+    def _reserve_ahead(self, nxt: _NextPage, size: int) -> bool:
+        """Room for a page packed ahead: ``PAGES_AHEAD_MAX`` bounds them all (a program may
+        hold many directories open after reading a page of each)."""
+        with self._ahead_lock:
+            if self._ahead_bytes + size > PAGES_AHEAD_MAX:
+                return False
+            self._ahead_bytes += size
+        nxt.reserved = size
+        return True
+
+    def _drop_ahead(self, nxt: _NextPage) -> None:
+        nxt.key = None
+        nxt.page, nxt.listed = b"", []
+        if nxt.reserved:
+            with self._ahead_lock:
+                self._ahead_bytes -= nxt.reserved
+            nxt.reserved = 0
 
     def _send_page(self, req: int, page: bytes, listed: list[AttrRow], plus: bool) -> None:
         self.lib.fuse_reply_buf(req, page, len(page))
@@ -855,7 +877,10 @@ class LowLevelOperations:
 
     def releasedir(self, req: int, ino: int, fi: Any) -> None:
         fh = int(fi.contents.fh)
-        self._dir_pages.pop(fh, None)
+        nxt = self._dir_pages.pop(fh, None)
+        if nxt is not None:
+            with nxt.lock:
+                self._drop_ahead(nxt)
         self.vfs.releasedir(fh)
         self._ok(req)
 

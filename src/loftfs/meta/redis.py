@@ -58,6 +58,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -111,6 +112,7 @@ DEFAULT_PREFIX = "loft"
 PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MARKER_TTL_MS = 3_600_000  # a commit marker outlives any retry by far
 MAX_IDLE_LINKS = 64
+LISTING_THREADS = 2  # threads that read listings' attribute records ahead (see RedisTxn.list_dir)
 
 _TIMEOUTS = {"connect_timeout": 5.0, "read_timeout": 15.0, "retry_timeout": 30.0}
 _TLS_STR = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
@@ -412,6 +414,10 @@ class RedisMeta(BaseMeta):
         super().__init__(self.config.redacted())
         self.keys = Keys(self.config.prefix)
         self._pool = LinkPool(self.config.connection)
+        # reads a listing's next batch of attribute records while one is paged out
+        self._listing_pool: ThreadPoolExecutor | None = None
+        self._listing_pid = 0
+        self._listing_lock = threading.Lock()
         self._may_create = False  # init_volume runs before the volume exists
         self._volume_seen = False  # the settings were seen once: skip the NotFormatted probe
 
@@ -491,7 +497,19 @@ class RedisMeta(BaseMeta):
     def _listing(self, tx: Txn, inode: int) -> Listing:
         """Entries and a first batch of attributes now, the rest as the listing is read."""
         assert isinstance(tx, RedisTxn)
-        return tx.list_dir(inode, later=self._records)
+        return tx.list_dir(inode, later=self._records, submit=self._read_ahead)
+
+    def _read_ahead(
+        self, read: Callable[[list[bytes]], list[bytes | None]], keys: list[bytes]
+    ) -> Future[list[bytes | None]]:
+        """Run ``read(keys)`` on a listing thread (started in this process: a forked child
+        gets threads of its own)."""
+        with self._listing_lock:
+            if self._listing_pool is None or self._listing_pid != os.getpid():
+                self._listing_pool = ThreadPoolExecutor(LISTING_THREADS, "loft-listing")
+                self._listing_pid = os.getpid()
+            pool = self._listing_pool
+        return pool.submit(read, keys)
 
     def _records(self, keys: list[bytes]) -> list[bytes | None]:
         def fn(tx: RedisTxn) -> list[bytes | None]:
@@ -600,6 +618,10 @@ class RedisMeta(BaseMeta):
         self._volume_seen = False
 
     def _engine_close(self) -> None:
+        with self._listing_lock:
+            pool, self._listing_pool = self._listing_pool, None
+        if pool is not None and self._listing_pid == os.getpid():
+            pool.shutdown(wait=False, cancel_futures=True)
         self._pool.close()
 
     # --- the runner ---------------------------------------------------------------------------

@@ -49,7 +49,8 @@ import operator
 import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol, overload
+from concurrent.futures import Future
+from typing import Any, Protocol, cast, overload
 
 from redis.exceptions import ResponseError
 
@@ -57,7 +58,6 @@ from loftfs.errors import MetaUnavailable, NotFormatted
 from loftfs.meta.txn import SETTING_VOLUME, FlockRec, NewFile, PlockRange, SessionRec
 from loftfs.meta.types import (
     ROOT_INODE,
-    ROW_INODE,
     Attr,
     AttrRow,
     DirEntry,
@@ -82,6 +82,9 @@ EXT_VERSION = 1
 MGET_BATCH = 1000  # keys per MGET when listing a directory
 # reads the attribute records of these keys (MGET) in a read of its own: see RedisTxn.list_dir
 ReadRecords = Callable[[list[bytes]], list[bytes | None]]
+# runs a ReadRecords call on another thread (Executor.submit): a listing's next batch of
+# records is read while the current one is paged out
+Submit = Callable[[ReadRecords, list[bytes]], "Future[list[bytes | None]]"]
 CHUNK_BATCH = 256  # chunks read in one round trip
 EXT_BATCH = 1000  # external object records per HMGET/HDEL/HSCAN step
 
@@ -517,15 +520,17 @@ class RedisTxn:
         key = self.k.dir(parent)
         return bool(self._read1([key], ("EXISTS", key)))
 
-    def list_dir(self, parent: int, later: ReadRecords | None = None) -> Listing:
+    def list_dir(
+        self, parent: int, later: ReadRecords | None = None, submit: Submit | None = None
+    ) -> Listing:
         """HGETALL, then the attribute records by MGET, a batch per command, in one round
         trip; the directory's own record comes with them. Native commands: a Lua script that
         joined the records on the server cost the server 4x the time.
 
         With ``later`` (a function that reads records in a read of its own) only the first
         batch is read here and the rest as the listing is read: a large listing starts paging
-        out after two round trips, and its records are read while the kernel takes in the
-        pages before. An entry whose inode is gone by its MGET (a concurrent unlink) is left
+        out after two round trips. With ``submit`` too, each batch is read on another thread
+        while the one before is paged out (one batch ahead, so memory follows what is read). An entry whose inode is gone by its MGET (a concurrent unlink) is left
         out without ``later``; with it, it stays (the indexes of a listing are fixed from the
         first page on) as an entry without attributes (see ``_Listing``)."""
         dkey = self.k.dir(parent)
@@ -546,7 +551,7 @@ class RedisTxn:
         if later is None and None in records:
             kept = [i for i, r in enumerate(records) if r is not None]
             rows, records = [rows[i] for i in kept], [records[i] for i in kept]
-        return _Listing(rows, records, keys, later)
+        return _Listing(rows, records, keys, later, submit)
 
     # --- symlinks -----------------------------------------------------------------------------
 
@@ -834,12 +839,12 @@ class _Listing(Listing):
     ``loftfs.fuse.ll_ops``) instead of all before the first page; pages are packed from
     ``row``, which builds no ``Attr``.
 
-    Records past those read with the entries are read by ``later``, ``MGET_BATCH`` at a time,
-    when first needed. An entry whose record is missing then (its inode was removed since the
+    Records past those read with the entries are read by ``later``, ``MGET_BATCH`` at a time:
+    when first needed, or one batch ahead through ``submit``. An entry whose record is missing then (its inode was removed since the
     entries were read) has only its name, inode number and type: nlink 0 and every other
     attribute 0."""
 
-    __slots__ = ("_keys", "_later", "_lock", "_records", "_rows")
+    __slots__ = ("_ahead", "_keys", "_later", "_lock", "_records", "_rows", "_submit")
 
     def __init__(
         self,
@@ -847,12 +852,16 @@ class _Listing(Listing):
         records: list[bytes | None],
         keys: list[bytes],
         later: ReadRecords | None,
+        submit: Submit | None = None,
     ) -> None:
         self._rows = rows  # (name, hash value: "<type digit><inode decimal>")
         self._records = records  # of the first len(records) entries
         self._keys = keys
         self._later = later
+        self._submit = submit if later is not None else None
         self._lock = threading.Lock()
+        self._ahead: tuple[int, Future[list[bytes | None]]] | None = None  # (start, reading)
+        self._read_ahead()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -866,23 +875,39 @@ class _Listing(Listing):
     def __getitem__(self, index: int | slice) -> DirEntry | list[DirEntry]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self._rows)))]
-        name, row = self.row(index)
-        record = self._record(index)
-        return DirEntry(name, Attr(*row) if record is None else unpack_attr(row[ROW_INODE], record))
-
-    def row(self, index: int) -> tuple[bytes, AttrRow]:
+        if index < 0:
+            index += len(self._rows)
         name, value = self._rows[index]
         record = self._record(index)
-        if record is not None:
-            try:
-                f = _unpack_attr(record)
-                if f[0] == ATTR_VERSION:
-                    return name, (int(value[1:]), _TYPES[f[1]], *f[2:11])
-            except (struct.error, KeyError):
-                pass
-            unpack_attr(int(value[1:]), record)  # raises the reason
-        inode, kind = unpack_entry(value)
-        return name, (inode, kind, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        if record is None:
+            return DirEntry(name, Attr(*_no_attributes(value)))
+        return DirEntry(name, unpack_attr(int(value[1:]), record))
+
+    def rows(self, start: int, stop: int) -> list[tuple[bytes, AttrRow]]:
+        """Written for speed (every entry of every listing page passes here): one pass over
+        the records, per-entry checks only when a record is missing or of another format."""
+        stop = min(stop, len(self._rows))
+        if start >= stop:
+            return []
+        self._record(stop - 1)  # read them (the batches in order)
+        names = self._rows[start:stop]
+        records = self._records[start:stop]
+        if None not in records:
+            present = cast(list[bytes], records)
+            fields = list(map(_unpack_attr, present)) if _sized(present) else []
+            if fields and all(f[0] == ATTR_VERSION and f[1] in _TYPES for f in fields):
+                types = _TYPES
+                return [
+                    (name, (int(value[1:]), types[f[1]], *f[2:11]))
+                    for (name, value), f in zip(names, fields, strict=True)
+                ]
+        out: list[tuple[bytes, AttrRow]] = []
+        for (name, value), record in zip(names, records, strict=True):
+            if record is None:
+                out.append((name, _no_attributes(value)))
+            else:
+                out.append((name, unpack_attr(int(value[1:]), record).row()))  # raises the reason
+        return out
 
     def _record(self, index: int) -> bytes | None:
         if index < 0:
@@ -894,14 +919,39 @@ class _Listing(Listing):
         with self._lock:  # one reader extends the list at a time: records stay aligned
             while len(records) <= index:
                 start = len(records)
-                got = self._later(self._keys[start : start + MGET_BATCH])
-                if len(got) != len(self._keys[start : start + MGET_BATCH]):
+                keys = self._keys[start : start + MGET_BATCH]
+                ahead, self._ahead = self._ahead, None
+                got = ahead[1].result() if ahead and ahead[0] == start else self._later(keys)
+                if len(got) != len(keys):
                     raise MetaUnavailable("a listing's attribute records came back short")
                 records.extend(got)
+                self._read_ahead()
         return records[index]
+
+    def _read_ahead(self) -> None:
+        """Start reading the batch after those read, if there is one (see ``Submit``)."""
+        start = len(self._records)
+        if self._submit is not None and start < len(self._keys) and self._ahead is None:
+            keys = self._keys[start : start + MGET_BATCH]
+            assert self._later is not None
+            try:
+                self._ahead = (start, self._submit(self._later, keys))
+            except RuntimeError:  # the engine is closing: read when needed
+                pass
 
 
 _first = operator.itemgetter(0)
+
+
+def _sized(records: list[bytes]) -> bool:
+    """Every record of the attribute record's size."""
+    return set(map(len, records)) == {ATTR_RECORD.size}
+
+
+def _no_attributes(value: bytes) -> AttrRow:
+    """The row of an entry whose inode is gone (see ``_Listing``): from its directory entry."""
+    inode, kind = unpack_entry(value)
+    return (inode, kind, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def _pairs(flat: list[Any]) -> list[tuple[Any, Any]]:

@@ -136,15 +136,15 @@ class DirEntry(NamedTuple):
 
 
 class Listing(Sequence[DirEntry]):
-    """A directory's entries in name order, by index (what ``Meta.readdir`` returns). ``row``
-    gives entry ``index`` as ``(name, AttrRow)`` without an ``Attr``: engines that keep their
-    records and decode an entry when it is read override it (``loftfs.meta.redis_txn``)."""
+    """A directory's entries in name order, by index (what ``Meta.readdir`` returns). ``rows``
+    gives entries ``start`` to ``stop`` as ``(name, AttrRow)`` without an ``Attr`` each:
+    engines that keep their records and decode an entry when it is read override it
+    (``loftfs.meta.redis_txn``)."""
 
     __slots__ = ()
 
-    def row(self, index: int) -> tuple[bytes, AttrRow]:
-        name, attr = self[index]
-        return name, attr.row()
+    def rows(self, start: int, stop: int) -> list[tuple[bytes, AttrRow]]:
+        return [(e.name, e.attr.row()) for e in self[start:stop]]
 
 
 class EntryList(list[DirEntry], Listing):

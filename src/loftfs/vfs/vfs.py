@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 from loftfs.chunk.datapath import BlockSlice, DataPath, ReadState
@@ -56,6 +56,7 @@ SEEN_MAX = 100_000
 # statfs commit the pending releases first, so deletions and usage are exact for this mount;
 # another client deleting such a file frees its space when the release is committed.
 RELEASE_LINGER_S = 2.0
+ROWS_STEP = 64  # listing entries decoded at a time (a reply page holds up to about 400)
 RELEASE_BATCH = 256
 OPEN_LOCK_STRIPES = 256
 # Light opens. A read-only open of a small file that is not open in this mount takes the
@@ -733,26 +734,27 @@ class VFS:
     def _entries_from(
         self, dots: list[tuple[bytes, AttrRow]], entries: Listing, start: int, sizes: bool
     ) -> Iterator[tuple[bytes, AttrRow]]:
-        """Entries by index: a slice of a listing that decodes each entry when read would
-        decode the rest of it for every page."""
+        """Entries by index, ``ROWS_STEP`` at a time: a slice of a listing that decodes each
+        entry when read would decode the rest of it for every page."""
         yield from dots
-        row = entries.row
-        if not sizes:
-            for i in range(start, len(entries)):
-                yield row(i)
-            return
-        written = self.data.written()  # only these may have a size beyond the engine's
-        for i in range(start, len(entries)):
-            name, r = row(i)
-            inode = r[ROW_INODE]
-            if inode in written and r[ROW_TYPE] is FileType.FILE:
-                dirty = self.data.dirty_size(inode)
-                if dirty > r[ROW_SIZE]:
-                    ino, kind, mode, uid, gid, nlink, _, rdev, at, mt, ct = r
-                    r = (ino, kind, mode, uid, gid, nlink, dirty, rdev, at, mt, ct)
-            elif r[ROW_RDEV] == LAZY_MARK and r[ROW_TYPE] is FileType.DIR:
-                self.lazy.seen(inode)
-            yield name, r
+        written = self.data.written() if sizes else ()  # their sizes may be beyond the engine's
+        for lo in range(start, len(entries), ROWS_STEP):
+            rows = entries.rows(lo, lo + ROWS_STEP)
+            if written or any(r[ROW_RDEV] == LAZY_MARK for _, r in rows):
+                rows = [(name, self._row_as_seen(r, written)) for name, r in rows]
+            yield from rows
+
+    def _row_as_seen(self, r: AttrRow, written: Collection[int]) -> AttrRow:
+        """``_with_dirty`` for a listed row."""
+        inode = r[ROW_INODE]
+        if inode in written and r[ROW_TYPE] is FileType.FILE:
+            dirty = self.data.dirty_size(inode)
+            if dirty > r[ROW_SIZE]:
+                ino, kind, mode, uid, gid, nlink, _, rdev, at, mt, ct = r
+                return (ino, kind, mode, uid, gid, nlink, dirty, rdev, at, mt, ct)
+        elif r[ROW_RDEV] == LAZY_MARK and r[ROW_TYPE] is FileType.DIR:
+            self.lazy.seen(inode)
+        return r
 
     def releasedir(self, fh: int) -> None:
         with self._lock:
