@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from loftfs.chunk import cache_disk
 from loftfs.chunk.cache_disk import (
     FORMAT_VERSION,
     HEAD_SIZE,
@@ -801,3 +802,71 @@ def test_unknown_format_version_is_a_miss(make: Callable[..., DiskCache], tmp_pa
     cache = make()
     assert cache.get(k, LENGTH) is None
     assert not raw_path(root, k).exists()
+
+
+# --- kept descriptors -----------------------------------------------------------------------
+
+
+def _open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def test_reads_keep_block_files_open_within_a_bound(
+    make: Callable[..., DiskCache], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached block file is opened once for any number of reads (``FD_CACHE``); at most
+    FD_CACHE are kept, the least recently read closed first; eviction, discard and close
+    close theirs (an evicted file's space is freed)."""
+    monkeypatch.setattr(cache_disk, "FD_CACHE", 2)
+    cache = make()
+    keys = [key(i, 5000) for i in range(4)]
+    for i, k in enumerate(keys):
+        assert cache.put_sync(k, payload(i, 5000))
+    before = _open_fds()
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: str, *args: object, **kw: object) -> int:
+        opened.append(path)
+        return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache_disk.os, "open", counting_open)
+    for _ in range(3):
+        assert cache.get(keys[0], 5000) == payload(0, 5000)
+        assert cache.get_range(keys[1], 5000, 100, 10) == payload(1, 5000)[100:110]
+    assert len(opened) == 2  # one open per file
+    assert len(_open_fds() - before) == 2
+    assert cache.get(keys[2], 5000) == payload(2, 5000)  # keys[0] read least recently: closed
+    assert len(_open_fds() - before) == 2
+    assert cache.get(keys[1], 5000) and len(opened) == 3
+    assert cache.get(keys[0], 5000) and len(opened) == 4
+    cache.discard(keys[0])
+    assert len(_open_fds() - before) == 1
+    assert not raw_path(tmp_path / "cache", keys[0]).exists()
+    assert cache.get(keys[0], 5000) is None
+    cache.close()
+    assert _open_fds() - before == set()
+
+
+def test_a_kept_descriptor_outlives_eviction_only_while_a_read_uses_it(
+    make: Callable[..., DiskCache], tmp_path: Path
+) -> None:
+    """A block evicted (or found corrupt) while a read holds its descriptor: the read goes on
+    with it, and it is closed when that read gives it back, never under it."""
+    cache = make()
+    k = key(7, 5000)
+    assert cache.put_sync(k, payload(7, 5000))
+    assert cache.get(k, 5000)  # kept now
+    area = cache._areas[0]
+    h = cache_disk.key_hash(k)
+    kept = cache._open_kept(area, h, str(raw_path(tmp_path / "cache", k)))
+    cache.discard(k)
+    link = f"/proc/self/fd/{kept.fd}"
+    target = os.readlink(link)  # still open: the read in progress uses it
+    assert target.endswith("(deleted)")
+    assert kept.dropped and h not in cache._fds
+    cache._release_kept(kept)
+    try:  # closed (the number may already serve another file)
+        assert os.readlink(link) != target
+    except FileNotFoundError:
+        pass

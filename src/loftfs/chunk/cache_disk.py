@@ -110,6 +110,9 @@ _EPOCH_S = 1_577_836_800  # 2020-01-01: access times are seconds (or ticks) sinc
 SAMPLE = 16  # eviction candidates drawn per victim (bench/cache_startup.py --policy)
 FAIL_LIMIT = 3  # consecutive failures before a directory is skipped
 HEAD_CACHE = 4096  # verified headers kept in memory for ranged reads (~300 bytes each)
+# Block files kept open for reads: an open per read costs a path walk of three directory
+# levels (a disk read each once the kernel dropped its dentries) and a close.
+FD_CACHE = 256
 SPACE_CHECK_S = 1.0  # statvfs at most this often (unless a 256th of the disk was written)
 LOG_EVERY_S = 10.0
 _FANOUT_BITS = 6  # 64 x 64 subdirectories
@@ -334,6 +337,17 @@ class _Area:
         return -(-size // self.block) * self.block
 
 
+class _OpenFile:
+    """A kept block file descriptor and the reads using it (see ``FD_CACHE``)."""
+
+    __slots__ = ("dropped", "fd", "refs")
+
+    def __init__(self, fd: int, refs: int = 0) -> None:
+        self.fd = fd
+        self.refs = refs
+        self.dropped = False  # out of the cache: closed when the last read gives it back
+
+
 class DiskCache:
     """Blocks on local disk, shared by the FUSE threads; see the module docstring.
 
@@ -380,6 +394,7 @@ class DiskCache:
         # costs one disk read (its segment) instead of two (header, segment). Blocks never
         # change, so a remembered header stays right; it is dropped with the file.
         self._heads: OrderedDict[int, Head] = OrderedDict()
+        self._fds: OrderedDict[int, _OpenFile] = OrderedDict()  # by hash, least recent first
         share, extra = divmod(capacity, len(paths))
         self._areas = [
             _Area(i, os.path.join(d, volume_uuid), share + (1 if i < extra else 0), self._lock)
@@ -452,6 +467,10 @@ class DiskCache:
                 self._drop_pending_locked(area)
         if self._scan_thread is not None:
             self._scan_thread.join(max(0.0, self._close_deadline - time.monotonic()) + 1.0)
+        with self._lock:
+            for f in self._fds.values():
+                self._drop_fd_locked(f)
+            self._fds.clear()
 
     # --- cached blocks ----------------------------------------------------------------------
 
@@ -591,6 +610,7 @@ class DiskCache:
             else:  # replaced a cached copy
                 area.indexed_bytes -= old & _SIZE_MASK
                 area.free_est += area.usage(old & _SIZE_MASK)
+                self._forget_fd_locked(h)
             area.index[h] = self._touch_locked(size)
             area.indexed_bytes += size
 
@@ -679,8 +699,13 @@ class DiskCache:
         ``FileNotFoundError`` passes through."""
         staging = path.startswith(area.staging + os.sep)
         lookup = want is not None
+        kept: _OpenFile | None = None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if lookup and not staging:
+                kept = self._open_kept(area, h, path)
+                fd = kept.fd
+            else:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             if isinstance(e, FileNotFoundError):
                 raise
@@ -709,10 +734,15 @@ class DiskCache:
             self._drop_corrupt(area, h, key, path, staging, str(e), lookup)
             return None
         except OSError as e:
+            with self._lock:
+                self._forget_fd_locked(h)
             self._read_failed(area, path, e, lookup)
             return None
         finally:
-            os.close(fd)
+            if kept is not None:
+                self._release_kept(kept)
+            else:
+                os.close(fd)
         with self._lock:
             if lookup:
                 self.hits += 1
@@ -753,9 +783,53 @@ class DiskCache:
         else:
             log.warning("disk cache: removed corrupt block %s (%s): %s", path, key, why)
 
+    def _open_kept(self, area: _Area, h: int, path: str) -> _OpenFile:
+        """A read's descriptor of a cached block file, from ``FD_CACHE`` or opened (and kept
+        while the block stays indexed). Give it back with ``_release_kept``."""
+        with self._lock:
+            f = self._fds.get(h)
+            if f is not None:
+                f.refs += 1
+                self._fds.move_to_end(h)
+                return f
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        with self._lock:
+            f = self._fds.get(h)
+            if f is not None:  # another read opened it meanwhile
+                os.close(fd)
+                f.refs += 1
+                return f
+            f = _OpenFile(fd, refs=1)
+            if self._closed or (area.scanned and h not in area.index):
+                f.dropped = True  # evicted meanwhile (or closing): not kept
+                return f
+            self._fds[h] = f
+            while len(self._fds) > FD_CACHE:
+                self._drop_fd_locked(self._fds.popitem(last=False)[1])
+            return f
+
+    def _release_kept(self, f: _OpenFile) -> None:
+        with self._lock:
+            f.refs -= 1
+            if f.dropped and f.refs == 0:
+                os.close(f.fd)
+
+    def _drop_fd_locked(self, f: _OpenFile) -> None:
+        """Close ``f`` now or, while a read uses it, when that read gives it back (a number
+        closed under a reader could be reused by another file)."""
+        f.dropped = True
+        if f.refs == 0:
+            os.close(f.fd)
+
+    def _forget_fd_locked(self, h: int) -> None:
+        f = self._fds.pop(h, None)
+        if f is not None:
+            self._drop_fd_locked(f)
+
     def _forget_locked(self, area: _Area, h: int) -> bool:
         """Drop ``h`` from the index (the caller removes the file). True if it was there."""
         self._heads.pop(h, None)
+        self._forget_fd_locked(h)  # an evicted file's space is freed once it is closed
         if not area.scanned:
             area.scan_removed.add(h)
         v = area.index.pop(h, None)
