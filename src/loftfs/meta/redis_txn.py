@@ -363,7 +363,17 @@ class RedisTxn:
     are plain and a write is a programming error.
     """
 
-    __slots__ = ("_cache", "_chunks", "_link", "_queued", "_watched", "k", "reads", "write")
+    __slots__ = (
+        "_cache",
+        "_chunks",
+        "_entries",
+        "_link",
+        "_queued",
+        "_watched",
+        "k",
+        "reads",
+        "write",
+    )
 
     def __init__(self, link: Conn, keys: Keys, write: bool) -> None:
         self._link = link
@@ -373,6 +383,7 @@ class RedisTxn:
         self._queued: list[Command] = []
         self._cache: dict[str, Any] = {}  # key -> value read (None: missing)
         self._chunks: dict[int, list[int]] = {}  # inode -> what chunk_indexes() returned
+        self._entries: dict[tuple[int, bytes], Any] = {}  # (parent, name) -> entry read ahead
         self.reads = 0  # round trips of watched reads
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -497,8 +508,49 @@ class RedisTxn:
 
     # --- directory entries --------------------------------------------------------------------
 
+    def prefetch(
+        self,
+        attrs: Sequence[int] = (),
+        entries: Sequence[tuple[int, bytes]] = (),
+        chunks: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        """Read these in one round trip (watched in a write transaction): the reads that
+        follow find them here."""
+        cmds: list[Command] = []
+        keys: list[str] = []
+        cached: list[str | tuple[int, bytes]] = []
+        for inode in attrs:
+            key = self.k.attr(inode)
+            if key not in self._cache:
+                keys.append(key)
+                cmds.append(("GET", key))
+                cached.append(key)
+        for index in chunks:
+            key = self.k.chunk(*index)
+            if key not in self._cache:
+                keys.append(key)
+                cmds.append(("GET", key))
+                cached.append(key)
+        for parent, name in entries:
+            if (parent, name) not in self._entries:
+                keys.append(self.k.dir(parent))
+                cmds.append(("HGET", self.k.dir(parent), name))
+                cached.append((parent, name))
+        if not cmds:
+            return
+        if self.write:  # several keys read: an error drawn from them is checked (see reads)
+            self.reads += len(cmds) - 1
+        for where, value in zip(cached, self._read(keys, cmds), strict=True):
+            if isinstance(where, str):
+                self._cache[where] = value
+            else:
+                self._entries[where] = value
+
     def get_entry(self, parent: int, name: bytes) -> tuple[int, FileType] | None:
         dkey = self.k.dir(parent)
+        if (parent, name) in self._entries:
+            v = self._entries[(parent, name)]
+            return None if v is None else unpack_entry(v)
         if self.write:
             v = self._read1([dkey], ("HGET", dkey, name))
             return None if v is None else unpack_entry(v)
@@ -511,9 +563,11 @@ class RedisTxn:
         return inode, type
 
     def put_entry(self, parent: int, name: bytes, inode: int, type: FileType) -> None:
+        self._entries.pop((parent, name), None)
         self._queue(("HSET", self.k.dir(parent), name, pack_entry(inode, type)))
 
     def del_entry(self, parent: int, name: bytes) -> None:
+        self._entries.pop((parent, name), None)
         self._queue(("HDEL", self.k.dir(parent), name))
 
     def has_entries(self, parent: int) -> bool:

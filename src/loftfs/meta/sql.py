@@ -289,6 +289,14 @@ class SQLTxn:
         self._x("DELETE FROM loft_node WHERE inode = ?", (inode,))
 
     # --- directory entries --------------------------------------------------------------------
+    def prefetch(
+        self,
+        attrs: Sequence[int] = (),
+        entries: Sequence[tuple[int, bytes]] = (),
+        chunks: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        return None  # each read is one statement: nothing to gain
+
     def get_entry(self, parent: int, name: bytes) -> tuple[int, FileType] | None:
         if self.prefetched is not None:
             row = self._one(

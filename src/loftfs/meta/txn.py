@@ -110,6 +110,16 @@ class Txn(Protocol):
 
     def del_attr(self, inode: int) -> None: ...
 
+    def prefetch(
+        self,
+        attrs: Sequence[int] = (),
+        entries: Sequence[tuple[int, bytes]] = (),
+        chunks: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        """Hint: these attributes, entries (parent, name) and chunks (inode, index) are read
+        next. An engine that pays a round trip per read reads them in one; others ignore it."""
+        ...
+
     # --- directory entries --------------------------------------------------------------------
     def get_entry(self, parent: int, name: bytes) -> tuple[int, FileType] | None: ...
     def put_entry(self, parent: int, name: bytes, inode: int, type: FileType) -> None:
