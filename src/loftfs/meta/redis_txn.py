@@ -584,9 +584,10 @@ class RedisTxn:
         With ``later`` (a function that reads records in a read of its own) only the first
         batch is read here and the rest as the listing is read: a large listing starts paging
         out after two round trips. With ``submit`` too, each batch is read on another thread
-        while the one before is paged out (one batch ahead, so memory follows what is read). An entry whose inode is gone by its MGET (a concurrent unlink) is left
-        out without ``later``; with it, it stays (the indexes of a listing are fixed from the
-        first page on) as an entry without attributes (see ``_Listing``)."""
+        while the one before is paged out (one batch ahead, so memory follows what is read).
+        An entry whose inode is gone by its MGET (a concurrent unlink) is left out without
+        ``later``; with it, it stays (the indexes of a listing are fixed from the first page
+        on) as an entry without attributes (see ``_Listing``)."""
         dkey = self.k.dir(parent)
         raw = self._read1([dkey], ("HGETALL", dkey))
         if not raw:
@@ -891,12 +892,12 @@ class _Listing(Listing):
     A listing is paged out to the kernel a few hundred entries a request, so the decoding is
     spread over the pages (and done while the kernel takes in the previous page, see
     ``loftfs.fuse.ll_ops``) instead of all before the first page; pages are packed from
-    ``row``, which builds no ``Attr``.
+    ``rows``, which builds no ``Attr``.
 
     Records past those read with the entries are read by ``later``, ``MGET_BATCH`` at a time:
-    when first needed, or one batch ahead through ``submit``. An entry whose record is missing then (its inode was removed since the
-    entries were read) has only its name, inode number and type: nlink 0 and every other
-    attribute 0."""
+    when first needed, or one batch ahead through ``submit``. An entry whose record is missing
+    then (its inode was removed since the entries were read) has only its name, inode number
+    and type: nlink 0 and every other attribute 0."""
 
     __slots__ = ("_ahead", "_keys", "_later", "_lock", "_records", "_rows", "_submit")
 

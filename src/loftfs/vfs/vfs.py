@@ -705,7 +705,7 @@ class VFS:
 
         The metadata is read here; the entries are produced lazily, so a reply page that holds
         200 entries of a large directory converts 200, not the whole listing, and no ``Attr``
-        is built for them (see ``Listing.row``). ``sizes=False``: the caller uses only names,
+        is built for them (see ``Listing.rows``). ``sizes=False``: the caller uses only names,
         inodes and types (a plain page), so the sizes of files being written here are not
         looked up."""
         h = self._dirs.get(fh)
