@@ -29,10 +29,7 @@ from loftfs.meta.ops_import import LAZY_MARK
 from loftfs.meta.types import (
     FALLOC_FL_KEEP_SIZE,
     ROOT_CTX,
-    ROW_INODE,
     ROW_RDEV,
-    ROW_SIZE,
-    ROW_TYPE,
     Attr,
     AttrRow,
     Ctx,
@@ -152,14 +149,20 @@ class VFS:
     def _with_dirty(self, attr: Attr) -> Attr:
         """Attributes as this mount sees them: buffered writes extend the size. (Directories
         still bound to a source prefix are noted on the way: see ``loftfs.vfs.lazy``.)"""
-        if attr.type == FileType.FILE:
-            dirty = self.data.dirty_size(attr.inode)
-            if dirty > attr.size:
-                attr = attr.copy()
-                attr.size = dirty
-        elif attr.rdev == LAZY_MARK and attr.type == FileType.DIR:
-            self.lazy.seen(attr.inode)
+        size = self._seen_size(attr.inode, attr.type, attr.rdev, attr.size)
+        if size != attr.size:
+            attr = attr.copy()
+            attr.size = size
         return attr
+
+    def _seen_size(self, inode: int, kind: FileType, rdev: int, size: int) -> int:
+        """The size this mount sees for an inode the engine says is ``size`` long (buffered
+        writes extend it); a directory still bound to a source prefix is noted on the way."""
+        if kind is FileType.FILE:
+            return max(size, self.data.dirty_size(inode))
+        if rdev == LAZY_MARK and kind is FileType.DIR:
+            self.lazy.seen(inode)
+        return size
 
     def _listed(self, inode: int) -> None:
         """List a directory bound to a source prefix before its first lookup or listing."""
@@ -745,16 +748,13 @@ class VFS:
             yield from rows
 
     def _row_as_seen(self, r: AttrRow, written: Collection[int]) -> AttrRow:
-        """``_with_dirty`` for a listed row."""
-        inode = r[ROW_INODE]
-        if inode in written and r[ROW_TYPE] is FileType.FILE:
-            dirty = self.data.dirty_size(inode)
-            if dirty > r[ROW_SIZE]:
-                ino, kind, mode, uid, gid, nlink, _, rdev, at, mt, ct = r
-                return (ino, kind, mode, uid, gid, nlink, dirty, rdev, at, mt, ct)
-        elif r[ROW_RDEV] == LAZY_MARK and r[ROW_TYPE] is FileType.DIR:
-            self.lazy.seen(inode)
-        return r
+        """``_with_dirty`` for a listed row (the size of a file not in ``written`` is the
+        engine's: no lookup)."""
+        ino, kind, mode, uid, gid, nlink, size, rdev, at, mt, ct = r
+        if ino not in written and kind is FileType.FILE:
+            return r
+        seen = self._seen_size(ino, kind, rdev, size)
+        return r if seen == size else (ino, kind, mode, uid, gid, nlink, seen, rdev, at, mt, ct)
 
     def releasedir(self, fh: int) -> None:
         with self._lock:
