@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 
 
+def one_line(text: str) -> str:
+    """Collapse a message to one line: error output must stay greppable."""
+    return " ".join(str(text).split())
+
+
 class LoftError(Exception):
     """Base of every error loftfs raises on purpose. ``str(e)`` is a one-line message for users."""
 

@@ -23,25 +23,15 @@ import bisect
 import errno
 import logging
 import re
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
-
-from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from loftfs.errors import ConfigError, FSError
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +126,13 @@ class LatencyStats:
         with self._lock:
             return self.count, self.errors, self.seconds, list(self._buckets)
 
-    def cumulative_buckets(self, buckets: list[int]) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
+    def cumulative_buckets(self, buckets: list[int]) -> list[tuple[float, int]]:
+        """(upper bound, count up to it) of each bucket, ``+Inf`` last."""
+        out: list[tuple[float, int]] = []
         total = 0
         for bound, n in zip((*self._bounds, float("inf")), buckets, strict=True):
             total += n
-            out.append((floatToGoString(bound), total))
+            out.append((bound, total))
         return out
 
 
@@ -167,8 +158,7 @@ class Metrics:
         self._bytes = {"get": 0, "put": 0}
         self._sources: dict[str, Source] = {}
         self._failing_sources: set[str] = set()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_MetricsCollector(self))
+        self._registry: CollectorRegistry | None = None
 
     # --- recording ---------------------------------------------------------------------------
 
@@ -285,8 +275,22 @@ class Metrics:
             "sources": self.read_sources(),
         }
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """This mount's Prometheus registry, made on first use: prometheus_client (and the
+        HTTP server modules it loads, about 14 MiB resident) is imported only by a mount that
+        serves ``--metrics`` or renders its figures."""
+        from loftfs.metrics_export import new_registry
+
+        with self._lock:
+            if self._registry is None:
+                self._registry = new_registry(self)
+            return self._registry
+
     def render(self) -> bytes:
         """The Prometheus text exposition of this mount."""
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
 
     # --- HTTP endpoint -----------------------------------------------------------------------
@@ -295,134 +299,9 @@ class Metrics:
         """Serve ``/metrics`` on ``host:port`` from a daemon thread; port 0 picks a free one.
         Returns the port and a function that stops the server. ``ConfigError`` when the
         address cannot be used (taken, unknown host)."""
+        from loftfs.metrics_export import serve_registry
+
         return serve_registry(self.registry, host, port)
-
-
-class _MetricsCollector(Collector):
-    """Turns a ``Metrics`` into Prometheus families at scrape time."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterable[Metric]:
-        m = self.metrics
-        if m.info:
-            info = GaugeMetricFamily(
-                "loftfs_mount_info", "The mount this process serves", labels=sorted(m.info)
-            )
-            info.add_metric([m.info[k] for k in sorted(m.info)], 1)
-            yield info
-        yield GaugeMetricFamily(
-            "loftfs_uptime_seconds", "Seconds since the mount started", value=m.uptime_s()
-        )
-        yield from _latency_families(
-            m.ops(),
-            "op",
-            "loftfs_fuse_ops",
-            "FUSE requests answered",
-            "loftfs_fuse_errors",
-            "FUSE requests answered with EIO (POSIX answers such as ENOENT are not errors)",
-            "loftfs_fuse_op_seconds",
-            "Time to answer a FUSE request",
-        )
-        yield from _latency_families(
-            m.requests(),
-            "method",
-            "loftfs_object_requests",
-            "Object-store requests (each retry is a request)",
-            "loftfs_object_errors",
-            "Object-store requests that failed",
-            "loftfs_object_request_seconds",
-            "Time of an object-store request",
-        )
-        moved = CounterMetricFamily(
-            "loftfs_object_bytes",
-            "Bytes received by GETs and sent by PUTs, as stored (compressed, encrypted)",
-            labels=["direction"],
-        )
-        for direction, n in sorted(m.bytes_transferred().items()):
-            moved.add_metric([direction], n)
-        yield moved
-        for name, figures in sorted(m.read_sources().items()):
-            for key, value in sorted(figures.items()):
-                full = f"loftfs_{name}_{key}"
-                help_text = f"{key.replace('_', ' ')} of the {name.replace('_', ' ')}"
-                if is_counter_key(key):
-                    yield CounterMetricFamily(full, help_text, value=value)
-                else:
-                    yield GaugeMetricFamily(full, help_text, value=value)
-
-
-def _latency_families(
-    table: Iterable[tuple[str, LatencyStats]],
-    label: str,
-    count_name: str,
-    count_help: str,
-    errors_name: str,
-    errors_help: str,
-    hist_name: str,
-    hist_help: str,
-) -> Iterator[Metric]:
-    counts = CounterMetricFamily(count_name, count_help, labels=[label])
-    errors = CounterMetricFamily(errors_name, errors_help, labels=[label])
-    hist = HistogramMetricFamily(hist_name, hist_help, labels=[label])
-    for name, stats in sorted(table):
-        count, failed, seconds, buckets = stats.read()
-        if not count:
-            continue  # hundreds of empty series help nobody
-        counts.add_metric([name], count)
-        errors.add_metric([name], failed)
-        hist.add_metric([name], stats.cumulative_buckets(buckets), seconds)
-    yield counts
-    yield errors
-    yield hist
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """No access log on stderr for every scrape."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-def serve_registry(
-    registry: CollectorRegistry, host: str, port: int
-) -> tuple[int, Callable[[], None]]:
-    """Serve ``registry`` at ``http://host:port/metrics`` (other paths answer 404)."""
-    app = make_wsgi_app(registry)
-
-    def routed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO", "") in ("/metrics", "/metrics/"):
-            result: Iterable[bytes] = app(environ, start_response)
-            return result
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"loftfs serves its metrics at /metrics\n"]
-
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as e:
-        raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror}") from None
-
-    class Server(ThreadingWSGIServer):
-        address_family = family
-
-    try:
-        httpd = make_server(host, port, routed, Server, handler_class=_QuietHandler)
-    except OSError as e:
-        raise ConfigError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
-    thread = threading.Thread(target=httpd.serve_forever, name="loft-metrics-http", daemon=True)
-    thread.start()
-    stopped = threading.Event()
-
-    def stop() -> None:
-        if stopped.is_set():
-            return
-        stopped.set()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
-
-    return int(httpd.server_port), stop
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:

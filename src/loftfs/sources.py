@@ -37,14 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from loftfs.errors import ConfigError, ObjectNotFound
 from loftfs.meta.interface import Meta
 from loftfs.meta.txn import SETTING_SOURCES
 from loftfs.object.interface import ObjectStore
-from loftfs.object.s3 import parse_s3_url
 
 SOURCES_FORMAT = 1
 KEY_OBJECT = ".loftfs-sources-key"
@@ -121,6 +117,8 @@ def split_source_url(url: str) -> tuple[str, str]:
             "http(s)://host:port/bucket[/prefix] or file:///dir"
         )
     # bucket names, endpoints, credentials in the URL: checked as for a volume's own bucket
+    from loftfs.object.s3 import parse_s3_url  # obstore and boto3 load only with S3 in use
+
     location = parse_s3_url(text)
     return location.describe().rstrip("/"), location.prefix
 
@@ -228,6 +226,8 @@ def _aad(volume_uuid: str, name: str) -> bytes:
 def seal_credentials(
     key: bytes, volume_uuid: str, name: str, credentials: dict[str, str]
 ) -> dict[str, str]:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # only where sources are used
+
     nonce = secrets.token_bytes(_NONCE_SIZE)
     blob = AESGCM(key).encrypt(nonce, json.dumps(credentials).encode(), _aad(volume_uuid, name))
     return {
@@ -246,6 +246,9 @@ def unseal_credentials(key: bytes | None, volume_uuid: str, source: Source) -> d
             f"source {source.name!r} has stored credentials but the volume's source key "
             f"object ({KEY_OBJECT}) is missing from its bucket: add the source again"
         )
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     try:
         raw = base64.b64decode(record["sealed"], validate=True)
         plain = AESGCM(key).decrypt(

@@ -101,6 +101,6 @@ def mount_processes(mountpoint: Path) -> list[int]:
         if entry.isdigit() and int(entry) != os.getpid():
             with contextlib.suppress(OSError):
                 argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                if target in argv and b"loftfs.cli.main" in argv:
+                if target in argv and b"loftfs.cli.child" in argv:
                     found.append(int(entry))
     return found

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,13 @@ from typer.testing import CliRunner
 
 from loftfs import __version__
 from loftfs.cli import mount as mount_cli
+from loftfs.cli.child import child_args, launch_document, parse_launch
 from loftfs.cli.common import LoftGroup, one_line, redact_url
 from loftfs.cli.format import validate_block_size, validate_name
-from loftfs.cli.mount import build_options, child_args, mountpoint_slug, size_text
+from loftfs.cli.mount import build_options, mountpoint_slug, size_text
 from loftfs.errors import ConfigError, NotFormatted
+from loftfs.object.encrypt import VolumeSecret
+from loftfs.plane.mountspec import ControlSpec
 from loftfs.utils import parse_size
 
 
@@ -210,7 +215,9 @@ def test_bad_mount_options(over: dict, message: str) -> None:
 
 
 def test_background_child_gets_every_option() -> None:
-    """The child re-parses what the parent validated: same options on both sides."""
+    """The child gets what the parent validated, through the launch pipe: same options on
+    both sides, the secret or the control-plane spec included, none of it on its command
+    line."""
     opts = build_options(
         **_options(
             buffer_size="64M",
@@ -219,15 +226,58 @@ def test_background_child_gets_every_option() -> None:
             enable_xattr=True,
             read_only=True,
             fuse_options=["allow_other"],
+            writeback=False,
+            metrics="127.0.0.1:0",
         )
     )
-    args = child_args("sqlite3:///x.db", "relative/mnt", opts, 7)
-    assert args[1:3] == ["-m", "loftfs.cli.main"]
-    assert args[3:5] == ["mount", "sqlite3:///x.db"]
-    assert args[5].startswith("/") and args[5].endswith("relative/mnt")
-    for pair in (["--buffer-size", str(64 << 20)], ["--upload-threads", "3"], ["--ready-fd", "7"]):
-        i = args.index(pair[0])
-        assert args[i + 1] == pair[1]
-    assert "--enable-xattr" in args and "--read-only" in args
-    assert args[args.index("-o") + 1] == "allow_other"
-    assert "-d" not in args and "--background" not in args
+    opts.max_fuse_tasks = 7  # not a flag: travels all the same
+    args = child_args("sqlite3:///x.db", "relative/mnt", 7, 9)
+    assert args[1:4] == ["-m", "loftfs.cli.child", "sqlite3:///x.db"]
+    assert args[4].startswith("/") and args[4].endswith("relative/mnt")
+    assert args[5:] == ["--ready-fd", "7", "--launch-fd", "9"]
+
+    secret = VolumeSecret("passphrase", b"correct horse", "LOFT_ENCRYPT_PASSPHRASE")
+    back = parse_launch(launch_document(opts, secret=secret, debug=True))
+    assert back.opts == opts and back.debug is True and back.spec is None
+    assert back.secret == secret
+    plain = parse_launch(launch_document(opts))
+    assert plain.secret is None and plain.spec is None and plain.debug is False
+
+    spec = ControlSpec(
+        label="control:acme/train",
+        meta_url="redis://:pw@127.0.0.1:1/0",
+        secret=VolumeSecret("key", bytes(32), "control plane"),
+        storage_env={"LOFT_SECRET_KEY": "s3cret"},
+        read_only=True,
+    )
+    got = parse_launch(launch_document(opts, secret=secret, spec=spec)).spec
+    assert got == spec
+
+
+@pytest.mark.parametrize(
+    "doc", [b"", b"[]", b'{"options": {"no_such_option": 1}}', b'{"options": {}, "spec": "x"}']
+)
+def test_malformed_launch_document(doc: bytes) -> None:
+    with pytest.raises(ConfigError, match="malformed"):
+        parse_launch(doc)
+
+
+def test_background_mount_process_loads_only_what_serving_needs(tmp_path: Path) -> None:
+    """What the long-lived process of a mount imports stays resident: no CLI framework, no
+    pyfuse3/trio on the default binding, no prometheus_client without --metrics, no
+    cryptography for a volume without encryption, no S3 client for a local store."""
+    code = (
+        "import sys, loftfs.cli.child, loftfs.fuse.mount, loftfs.fuse.lowlevel\n"
+        "from loftfs.object import open_storage_url\n"
+        f"s = open_storage_url('file://{tmp_path}')\n"
+        "s.put('k', b'v'); assert s.get('k') == b'v'\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    loaded = set(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        .stdout.split()
+    )
+    assert "loftfs" in loaded
+    heavy = {"typer", "click", "rich", "pydantic", "pyfuse3", "trio", "prometheus_client"}
+    heavy |= {"cryptography", "obstore", "boto3", "botocore", "redis", "psycopg", "fastapi"}
+    assert not loaded & heavy

@@ -24,7 +24,9 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from loftfs.errors import ConfigError, LoftError, NotFormatted
+from loftfs.cli.child import debug_from_env
+from loftfs.cli.child import setup_logging as log_to
+from loftfs.errors import ConfigError, LoftError, NotFormatted, one_line
 from loftfs.meta import Meta, open_meta
 from loftfs.meta.types import SessionInfo, VolumeSettings
 
@@ -47,12 +49,7 @@ state = _State()
 
 
 def debug_enabled() -> bool:
-    return state.verbose or os.environ.get("LOFT_DEBUG", "") not in ("", "0", "false", "no")
-
-
-def one_line(text: str) -> str:
-    """Collapse a message to one line: error output must stay greppable."""
-    return " ".join(str(text).split())
+    return state.verbose or debug_from_env()
 
 
 def print_error(message: str) -> None:
@@ -306,18 +303,4 @@ def non_negative(value: int, option: str) -> int:
 
 def setup_logging(log_file: str | None = None) -> None:
     """Log to ``log_file`` (appending) or stderr; DEBUG with --verbose / LOFT_DEBUG."""
-    handler: logging.Handler
-    if log_file:
-        parent = os.path.dirname(os.path.abspath(log_file))
-        os.makedirs(parent, exist_ok=True)
-        handler = logging.FileHandler(log_file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug_enabled() else logging.INFO)
+    log_to(log_file, debug_enabled())

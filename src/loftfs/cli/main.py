@@ -1,6 +1,6 @@
 """The ``loft`` command: wires one module per subcommand into a typer app.
 
-Also runnable as ``python -m loftfs.cli.main`` (the background mount starts itself that way).
+Also runnable as ``python -m loftfs.cli.main``; a background mount runs ``loftfs.cli.child``.
 """
 
 from __future__ import annotations

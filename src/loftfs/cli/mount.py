@@ -13,16 +13,21 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
 from typing import Annotated
 
 import typer
 
+from loftfs.cli.child import (
+    ERROR_PREFIX,
+    READY,
+    child_args,
+    launch_document,
+    run_foreground,
+)
 from loftfs.cli.common import (
     absolute_meta_url,
     debug_enabled,
-    one_line,
     say,
     setup_logging,
 )
@@ -35,8 +40,6 @@ from loftfs.utils import parse_size
 from loftfs.vfs.options import FUSE_BINDINGS, MountOptions, default_cache_dir
 
 _DEFAULTS = MountOptions()
-READY = b"ready"
-ERROR_PREFIX = b"error "
 SYSTEM_LOG_DIR = "/var/log/loftfs"
 # what a control-plane mount's child must not inherit: its spec comes through a pipe
 _CONTROL_ENV = (
@@ -161,75 +164,10 @@ def build_options(
     )
 
 
-def child_args(
-    meta_url: str,
-    mountpoint: str,
-    opts: MountOptions,
-    ready_fd: int,
-    *,
-    secret_fd: int | None = None,
-    spec_fd: int | None = None,
-) -> list[str]:
-    """The foreground command the background mount runs, with every option spelled out. An
-    encrypted volume's secret travels through the pipe ``secret_fd``, never on the command
-    line."""
-    args = [sys.executable, "-m", "loftfs.cli.main"]
-    if debug_enabled():
-        args.append("--verbose")
-    args += [
-        "mount",
-        meta_url,
-        os.path.abspath(mountpoint),
-        "--buffer-size",
-        str(opts.buffer_size),
-        "--upload-threads",
-        str(opts.upload_threads),
-        "--fetch-threads",
-        str(opts.fetch_threads),
-        "--readahead-blocks",
-        str(opts.readahead_blocks),
-        "--attr-timeout",
-        repr(opts.attr_timeout),
-        "--entry-timeout",
-        repr(opts.entry_timeout),
-        "--dir-entry-timeout",
-        repr(opts.dir_entry_timeout),
-        "--heartbeat",
-        repr(opts.heartbeat_s),
-        "--gc-interval",
-        repr(opts.gc_interval_s),
-        "--fuse-binding",
-        opts.fuse_binding,
-        "--cache-dir",
-        ":".join(opts.cache_dirs),
-        "--cache-size",
-        str(opts.cache_size),
-        "--free-space-ratio",
-        repr(opts.free_space_ratio),
-        "--ready-fd",
-        str(ready_fd),
-    ]
-    if opts.enable_xattr:
-        args.append("--enable-xattr")
-    if opts.read_only:
-        args.append("--read-only")
-    if opts.writeback:
-        args.append("--writeback")
-    if opts.metrics:
-        args += ["--metrics", opts.metrics]
-    if opts.fuse_options:
-        args += ["-o", ",".join(opts.fuse_options)]
-    if secret_fd is not None:
-        args += ["--secret-fd", str(secret_fd)]
-    if spec_fd is not None:
-        args += ["--spec-fd", str(spec_fd)]
-    return args
-
-
-def _secret_pipe(payload: bytes) -> int:
-    """A pipe already holding ``payload`` (a secret, a control-plane mount spec) and closed for
-    writing; returns its read end. The payload is far below the pipe's buffer, so the write
-    never blocks."""
+def _filled_pipe(payload: bytes) -> int:
+    """A pipe already holding ``payload`` (the launch document, secrets included) and closed
+    for writing; returns its read end. The payload is far below the pipe's buffer, so the
+    write never blocks."""
     read_fd, write_fd = os.pipe()
     try:
         os.write(write_fd, payload)
@@ -239,24 +177,6 @@ def _secret_pipe(payload: bytes) -> int:
     finally:
         os.close(write_fd)
     return read_fd
-
-
-def read_secret_fd(fd: int) -> VolumeSecret:
-    """The secret the parent of a background mount wrote into pipe ``fd`` (then closed)."""
-    return VolumeSecret.from_wire(_read_pipe(fd, "the volume secret"))
-
-
-def _read_pipe(fd: int, what: str) -> bytes:
-    chunks = []
-    try:
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} from fd {fd}: {e.strerror}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    return b"".join(chunks)
 
 
 def _last_log_line(log_path: str) -> str:
@@ -322,9 +242,10 @@ def mount_in_background(
     secret: VolumeSecret | None = None,
     spec: ControlSpec | None = None,
 ) -> int:
-    """Start the mount as a detached child; return its pid once the mount answers. With a
-    control-plane ``spec`` the child gets it (secrets included) through a pipe: its command
-    line names only the volume, its environment holds no credential."""
+    """Start the mount as a detached child (``loftfs.cli.child``); return its pid once the
+    mount answers. The options, the secret and a control-plane ``spec`` go to it through a
+    pipe: with a spec its command line names only the volume, its environment holds no
+    credential."""
     log_path = os.path.abspath(log_path)
     try:
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
@@ -332,27 +253,21 @@ def mount_in_background(
     except OSError as e:
         raise ConfigError(f"cannot write the log file {log_path}: {e.strerror}") from e
     read_fd, write_fd = os.pipe()
-    secret_fd = -1
+    launch_fd = -1
     try:
         with log_file:
-            if spec is not None:
-                secret_fd = _secret_pipe(spec.to_wire())
-            elif secret is not None:
-                secret_fd = _secret_pipe(secret.to_wire())
+            launch_fd = _filled_pipe(
+                launch_document(opts, secret=secret, spec=spec, debug=debug_enabled())
+            )
             hidden = _CONTROL_ENV if spec is not None else (ENV_PASSPHRASE,)
             child = subprocess.Popen(
                 child_args(
-                    spec.label if spec is not None else meta_url,
-                    mountpoint,
-                    opts,
-                    write_fd,
-                    secret_fd=secret_fd if secret_fd >= 0 and spec is None else None,
-                    spec_fd=secret_fd if secret_fd >= 0 and spec is not None else None,
+                    spec.label if spec is not None else meta_url, mountpoint, write_fd, launch_fd
                 ),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
-                pass_fds=(write_fd, secret_fd) if secret_fd >= 0 else (write_fd,),
+                pass_fds=(write_fd, launch_fd),
                 # the passphrase, if any, went into the pipe: the long-lived process's
                 # environment (/proc/PID/environ) does not keep a copy
                 env={k: v for k, v in os.environ.items() if k not in hidden},
@@ -361,9 +276,8 @@ def mount_in_background(
             )
         os.close(write_fd)
         write_fd = -1
-        if secret_fd >= 0:
-            os.close(secret_fd)
-            secret_fd = -1
+        os.close(launch_fd)
+        launch_fd = -1
         try:
             status = _read_status(read_fd, time.monotonic() + ready_timeout)
         except BaseException:
@@ -373,8 +287,8 @@ def mount_in_background(
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)
-        if secret_fd >= 0:
-            os.close(secret_fd)
+        if launch_fd >= 0:
+            os.close(launch_fd)
 
     if status == READY:
         return child.pid
@@ -399,54 +313,6 @@ def mount_in_background(
         + (f": {hint}" if hint else "")
         + f" (log: {log_path})"
     )
-
-
-class ReadyPipe:
-    """The child's end of the status pipe: one line, then closed."""
-
-    def __init__(self, fd: int | None) -> None:
-        self.fd = fd
-
-    def send(self, line: bytes) -> None:
-        if self.fd is None:
-            return
-        fd, self.fd = self.fd, None
-        try:
-            os.write(fd, line + b"\n")
-        except OSError:
-            pass  # the parent gave up waiting; the log has the story
-        finally:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-def run_foreground(
-    meta_url: str,
-    mountpoint: str,
-    opts: MountOptions,
-    ready_fd: int | None,
-    secret: VolumeSecret | None = None,
-    record_url: str | None = None,
-) -> None:
-    """Serve the mount in this process; tell the waiting parent (if any) how it went."""
-    from loftfs.fuse.mount import run_mount
-
-    pipe = ReadyPipe(ready_fd)
-
-    def on_ready() -> None:
-        pipe.send(READY)
-
-    try:
-        run_mount(
-            meta_url, mountpoint, opts, on_ready=on_ready, secret=secret, record_url=record_url
-        )
-    except LoftError as e:
-        pipe.send(ERROR_PREFIX + one_line(str(e)).encode())
-        raise
-    except BaseException as e:
-        pipe.send(ERROR_PREFIX + one_line(f"unexpected {type(e).__name__}: {e}").encode())
-        raise
-    pipe.send(ERROR_PREFIX + b"the mount process stopped before the mount was ready")
 
 
 def export_storage_credentials(
@@ -643,9 +509,6 @@ def mount_cmd(
         str | None,
         typer.Option("--ca-file", metavar="FILE", help="With --control: CA of the API's TLS"),
     ] = None,
-    ready_fd: Annotated[int | None, typer.Option("--ready-fd", hidden=True)] = None,
-    secret_fd: Annotated[int | None, typer.Option("--secret-fd", hidden=True)] = None,
-    spec_fd: Annotated[int | None, typer.Option("--spec-fd", hidden=True)] = None,
 ) -> None:
     """Mount a volume. Runs until unmounted ('loft umount'); with -d, in the background.
 
@@ -674,9 +537,7 @@ def mount_cmd(
     )
     spec: ControlSpec | None = None
     secret: VolumeSecret | None
-    if spec_fd is not None:  # the background child of a control-plane mount
-        spec = ControlSpec.from_wire(_read_pipe(spec_fd, "the mount spec"))
-    elif control is not None:
+    if control is not None:
         if access_key or secret_key or session_token or encrypt_passphrase_file or encrypt_key_file:
             raise ConfigError(
                 "--control mounts take the storage keys and the encryption key from the "
@@ -693,10 +554,7 @@ def mount_cmd(
     else:
         meta_url = absolute_meta_url(meta_url)
         export_storage_credentials(access_key, secret_key, session_token)
-        if secret_fd is not None:  # the background child: the parent read the secret already
-            secret = read_secret_fd(secret_fd)
-        else:
-            secret = secret_from_sources(encrypt_passphrase_file, encrypt_key_file)
+        secret = secret_from_sources(encrypt_passphrase_file, encrypt_key_file)
     if background:
         if ready_timeout <= 0:
             raise ConfigError(f"--ready-timeout must be more than 0, not {ready_timeout}")
@@ -712,5 +570,5 @@ def mount_cmd(
     if spec is not None:
         spec.apply_env()
     run_foreground(
-        meta_url, mountpoint, opts, ready_fd, secret, record_url=spec.label if spec else None
+        meta_url, mountpoint, opts, None, secret, record_url=spec.label if spec else None
     )

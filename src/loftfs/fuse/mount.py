@@ -23,13 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyfuse3
-import trio
-
 from loftfs.chunk.datapath import DataPath
 from loftfs.control import ControlServer, Handler, Message, control_socket_path, int_list
 from loftfs.errors import ConfigError, FSError, LoftError
-from loftfs.fuse.adapter import FuseOperations
 from loftfs.fuse.common import mount_options
 from loftfs.meta import open_meta
 from loftfs.meta.base import process_identity
@@ -246,7 +242,6 @@ def run_mount(
         heartbeat_s=opts.heartbeat_s,
     )
     record: Path | None = None
-    mounted = False
     # From here on a signal never kills the process outright: before the loop runs it is
     # remembered and served as soon as the loop starts, during shutdown it is logged, so the
     # commit of buffered data is never cut short (a second SIGTERM is common: timeout(1),
@@ -280,15 +275,16 @@ def run_mount(
         control = ControlServer(control_socket_path(real), mount_handlers(meta, data, metrics))
         control.start()
         options = mount_options(settings.name, opts)
+
+        def ready() -> None:
+            _raise_read_ahead(real)
+            if on_ready is not None:
+                on_ready()
+
+        # Each unmounts by itself before it returns, whatever ended it.
         if opts.fuse_binding == "lowlevel":
             from loftfs.fuse.lowlevel import serve_lowlevel
 
-            def ready() -> None:
-                _raise_read_ahead(real)
-                if on_ready is not None:
-                    on_ready()
-
-            # Unmounts by itself before it returns, whatever ended it.
             serve_lowlevel(
                 vfs,
                 opts,
@@ -300,21 +296,20 @@ def run_mount(
                 metrics=metrics,
             )
         else:
-            try:
-                pyfuse3.init(FuseOperations(vfs, opts, metrics), real, options)
-            except RuntimeError as e:  # libfuse rejected an option or could not mount
-                raise ConfigError(
-                    f"libfuse refused the mount options {', '.join(sorted(options))} ({e}); see the log"
-                ) from None
-            mounted = True
-            announce_mounted()
-            trio.run(_serve, real, opts, on_ready)
+            from loftfs.fuse.adapter import serve_pyfuse3
+
+            serve_pyfuse3(
+                vfs,
+                opts,
+                real,
+                options,
+                metrics,
+                on_ready=ready,
+                on_mounted=announce_mounted,
+                signals_seen=_signals_seen,
+                stop_signals=_STOP_SIGNALS,
+            )
     finally:
-        if mounted:
-            # After a signal the kernel mount is still there: take it down so that nothing
-            # blocks on a dead process. After an external umount this is a no-op.
-            with contextlib.suppress(Exception):
-                pyfuse3.close(unmount=True)
         try:
             vfs.shutdown()
             data.close()  # the control socket still answers: umount shows pending uploads
@@ -411,34 +406,6 @@ def _remember_signal(signum: int, frame: object) -> None:
     if _signals_seen:
         log.warning("signal %s: already unmounting, committing buffered data", signum)
     _signals_seen.append(signum)
-
-
-async def _serve(mountpoint: str, opts: MountOptions, on_ready: Callable[[], None] | None) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, nursery.cancel_scope)
-        nursery.start_soon(_announce_ready, mountpoint, on_ready)
-        await pyfuse3.main(min_tasks=1, max_tasks=opts.max_fuse_tasks)
-        nursery.cancel_scope.cancel()
-
-
-async def _announce_ready(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
-    # A stat through the kernel proves the loop answers requests. Nothing may touch the
-    # mountpoint before the loop runs: the request would wait for this very process.
-    await trio.to_thread.run_sync(os.stat, mountpoint)
-    await trio.to_thread.run_sync(_raise_read_ahead, mountpoint)
-    if on_ready is not None:
-        on_ready()
-
-
-async def _watch_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
-        if not _signals_seen:  # a signal that came before the loop ran is served at once
-            async for signum in signals:
-                _signals_seen.append(signum)
-                break
-        log.info("signal %s: unmounting", signal.Signals(_signals_seen[0]).name)
-        pyfuse3.terminate()
-        scope.cancel()
 
 
 def _version() -> str:

@@ -34,14 +34,16 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from typing import TYPE_CHECKING, Any
 
 from loftfs.errors import ConfigError, ObjectCorrupted
 from loftfs.object.interface import ObjectStore, ObjectStoreWrapper
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+# cryptography (about 7 MiB resident) is imported by the functions that use it: a mount of a
+# volume without encryption never loads it.
 
 ALGORITHM = "aes-256-gcm"
 RECORD_FORMAT = 1  # layout of the encryption record in the volume settings
@@ -204,6 +206,8 @@ def _kek(secret: VolumeSecret, kdf: dict[str, Any]) -> bytes:
         raise ValueError(f"scrypt parameters out of range (n={n}, r={r}, p={p})")
     if len(salt) < SALT_SIZE:
         raise ValueError(f"scrypt salt of {len(salt)} bytes")
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
     return Scrypt(salt=salt, length=KEY_SIZE, n=n, r=r, p=p).derive(secret.value)
 
 
@@ -218,6 +222,8 @@ def _wrap(secret: VolumeSecret, data_key: bytes, volume_uuid: str, scrypt_n: int
         }
     else:
         kdf = {"name": "none"}
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     nonce = os.urandom(NONCE_SIZE)
     wrapped = AESGCM(_kek(secret, kdf)).encrypt(nonce, data_key, _WRAP_AAD + volume_uuid.encode())
     return {
@@ -272,6 +278,9 @@ def unlock(
             f"the encryption record of volume '{volume}' is damaged (wrapped key of "
             f"{len(blob)} bytes)"
         )
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     try:
         return AESGCM(kek).decrypt(
             blob[:NONCE_SIZE], blob[NONCE_SIZE:], _WRAP_AAD + volume_uuid.encode()
@@ -337,7 +346,13 @@ class EncryptedStore(ObjectStoreWrapper):
         super().__init__(inner)
         if data_key is not None and len(data_key) != KEY_SIZE:
             raise ValueError(f"the data key must be {KEY_SIZE} bytes")
-        self._aead = AESGCM(data_key) if data_key is not None else None
+        self._aead: AESGCM | None = None
+        if data_key is not None:
+            from cryptography.exceptions import InvalidTag
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+            self._aead = AESGCM(data_key)
+            self._invalid_tag = InvalidTag
         self.volume = volume
 
     @property
@@ -379,7 +394,7 @@ class EncryptedStore(ObjectStoreWrapper):
         view = memoryview(stored)
         try:
             return cipher.decrypt(view[1 : 1 + NONCE_SIZE], view[1 + NONCE_SIZE :], self._aad(key))
-        except InvalidTag:
+        except self._invalid_tag:
             raise corrupted(
                 "authentication failed (changed, truncated, or stored under another key)"
             ) from None
