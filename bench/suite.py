@@ -17,7 +17,10 @@ loopback, started here: a Redis database and a bucket each). Workloads (``--only
 - ``smallfiles``: ``--files`` files of 4 KiB in one directory: create, ``ls -l``, read, delete.
 
 Every step runs on one file system at a time, the order alternating from step to step (and from
-backend to backend), so that load elsewhere on the machine hits both alike. The peak RSS
+backend to backend), so that load elsewhere on the machine hits both alike. Each step starts
+after a ``sync``: data the other file system left dirty in the page cache (a store that does
+not fsync its objects leaves a whole 1 GiB write there) is written out before, not during,
+the next step's measurement. The peak RSS
 (``VmHWM``) of each mount daemon is read just before each unmount.
 
 Run as root: ``.venv/bin/python bench/suite.py [--backend all] [--quick] [--markdown]``.
@@ -537,6 +540,7 @@ def run_backend(backend: str, index: int, plan: Plan, base: Path) -> Report:
                     if fs.name in report.failed:
                         continue
                     progress(f"{backend}: {title}: {fs.name}")
+                    os.sync()
                     try:
                         step(fs, plan, report)
                     except errors as e:

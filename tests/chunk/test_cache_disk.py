@@ -315,6 +315,29 @@ def test_range_verifies_only_the_segments_it_reads(
     assert cache.stats()["corrupt"] == 1
 
 
+@pytest.mark.parametrize(("written", "reading"), [(64 << 10, 16 << 10), (4 << 10, 64 << 10)])
+def test_files_of_another_segment_size_are_read_and_checked(
+    make: Callable[..., DiskCache], tmp_path: Path, written: int, reading: int
+) -> None:
+    """A cache filled with another checksum segment size (an earlier default) is reused as it
+    is: whole and ranged reads work and each is checked against the file's own segments."""
+    length = 5 * max(written, reading) + 7
+    k, data = key(1, length), payload(1, length)
+    first = make(segment_size=written)
+    assert first.put_sync(k, data)
+    first.close()
+    cache = make(segment_size=reading)
+    assert cache.get(k, length) == data
+    assert cache.get_range(k, length, written - 3, 9) == data[written - 3 : written + 6]
+    assert cache.get_range(k, length, length - 5, 5) == data[-5:]
+    path = raw_path(tmp_path / "cache", k)
+    _flip(path, file_size(len(k), length, written) - length + 3 * written + 1)
+    assert cache.get_range(k, length, 0, written) == data[:written]  # another segment
+    assert cache.get_range(k, length, 3 * written, 4) is None  # the damaged one
+    assert not path.exists()
+    assert cache.stats()["corrupt"] == 1
+
+
 def test_remembered_header_still_checks_the_data(
     make: Callable[..., DiskCache], tmp_path: Path
 ) -> None:

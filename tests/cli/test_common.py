@@ -274,8 +274,9 @@ def test_background_mount_process_loads_only_what_serving_needs(tmp_path: Path) 
         "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     loaded = set(
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        .stdout.split()
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
     )
     assert "loftfs" in loaded
     heavy = {"typer", "click", "rich", "pydantic", "pyfuse3", "trio", "prometheus_client"}

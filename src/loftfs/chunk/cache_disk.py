@@ -364,7 +364,7 @@ class DiskCache:
         *,
         volume_uuid: str,
         free_ratio: float = 0.1,
-        segment_size: int = 64 << 10,
+        segment_size: int = 16 << 10,
         max_pending_bytes: int = 64 << 20,
         retry_after_s: float = 30.0,
     ) -> None:
