@@ -61,7 +61,7 @@ class DataOps(MetaCore):
             raise FSError(errno.EFBIG)
 
         def fn(tx: Txn, acct: Acct) -> int:
-            tx.prefetch(attrs=[inode], chunks=[(inode, index)])
+            tx.prefetch(attrs=[inode], chunks=[(inode, index)], assume=True)
             attr = self._get_file(tx, inode)
             count = len(tx.get_chunk(inode, index))
             new = attr.copy()

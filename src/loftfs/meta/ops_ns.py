@@ -126,7 +126,7 @@ class NamespaceOps(MetaCore):
         inode = self._alloc_inode()
 
         def fn(tx: Txn, acct: Acct) -> Attr:
-            tx.prefetch(attrs=[parent], entries=[(parent, name)])
+            tx.prefetch(attrs=[parent], entries=[(parent, name)], assume=True)
             pattr = self._get_dir(tx, parent)
             perm.check(ctx, pattr, W_OK | X_OK)
             if pattr.nlink == 0:

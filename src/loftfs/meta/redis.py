@@ -60,7 +60,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis
@@ -83,8 +83,10 @@ from redis.exceptions import (
 from loftfs.errors import ConfigError, FSError, LoftError, MetaUnavailable, NotFormatted
 from loftfs.meta import perm
 from loftfs.meta.base import BaseMeta
+from loftfs.meta.redis_assume import LUA_APPLY, REFS, Assumed, Known, apply_args
 from loftfs.meta.redis_txn import (
     LUA_LOOKUP,
+    LUA_SLICE_REFS,
     Command,
     Keys,
     RedisTxn,
@@ -314,6 +316,10 @@ class Link:
         return replies
 
     def eval_ro(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return self.eval(script, keys, args)
+
+    def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a Lua script, by its digest (sent in full once the server lacks it)."""
         digest = _sha1(script)
         reply = self.call([("EVALSHA", digest, len(keys), *keys, *args)])[0]
         if isinstance(reply, NoScriptError):
@@ -408,12 +414,20 @@ class RedisMeta(BaseMeta):
 
     #: give up on a transaction that keeps conflicting after this long (MetaUnavailable)
     RETRY_DEADLINE_S = 60.0
+    #: Lua scripts a commit on assumed values runs inside ``LUA_APPLY`` (as pseudo-commands);
+    #: a transaction that queues another checks its assumptions with a WATCH first.
+    APPLY_SCRIPTS: ClassVar[dict[str, str]] = {LUA_SLICE_REFS: REFS}
 
     def __init__(self, url: str) -> None:
         self.config = parse_url(url)
         super().__init__(self.config.redacted())
         self.keys = Keys(self.config.prefix)
         self._pool = LinkPool(self.config.connection)
+        # values of attribute, chunk and entry keys as this process last read or wrote them:
+        # some write transactions assume them and commit in one round trip (redis_assume)
+        self._known = Known()
+        head = self.keys.head
+        self._remembered = (head + "i", head + "c", head + "d")
         # reads a listing's next batch of attribute records while one is paged out
         self._listing_pool: ThreadPoolExecutor | None = None
         self._listing_pid = 0
@@ -644,7 +658,7 @@ class RedisMeta(BaseMeta):
         delay = 0.001
         while True:
             link.begin()
-            tx = RedisTxn(link, self.keys, write)
+            tx = RedisTxn(link, self.keys, write, self._known)
             try:
                 try:
                     result = fn(tx)
@@ -652,8 +666,12 @@ class RedisMeta(BaseMeta):
                     raise
                 except Exception:
                     # an error drawn from reads of several keys counts only when they were
-                    # consistent: else a concurrent commit fooled it, so run it again
-                    if tx.reads > 1 and not self._unchanged(link):
+                    # consistent: else a concurrent commit fooled it, so run it again; one
+                    # drawn from assumed values, only once they are read for real
+                    if tx.assumed:
+                        self._known.drop(tx.assumed)
+                        applied = False
+                    elif tx.reads > 1 and not self._unchanged(link):
                         applied = False
                     else:
                         raise
@@ -662,7 +680,12 @@ class RedisMeta(BaseMeta):
                         try:
                             applied = self._commit(link, tx)
                         except RedisError as e:
+                            self._known.drop(tx.assumed)
+                            self._known.forget(tx.queued)  # applied or not: unknown
                             applied = self._resolve(link, e, outage)
+                    elif tx.assumed:  # nothing written, but on assumptions: read for real
+                        self._known.drop(tx.assumed)
+                        applied = False
                     elif tx.reads > 1:
                         applied = self._unchanged(link)  # the result must rest on a snapshot
                     else:
@@ -693,25 +716,88 @@ class RedisMeta(BaseMeta):
         return link.call([("MULTI",), ("EXEC",)])[-1] is not None
 
     def _commit(self, link: Link, tx: RedisTxn) -> bool:
-        """Send the queued writes as one MULTI/EXEC; False when a watched key changed."""
+        """Send the queued writes as one MULTI/EXEC (with ``LUA_APPLY`` inside when the
+        transaction assumed values, or alone when it watched nothing); False when a watched
+        key changed or an assumption did not hold."""
         link.seq += 1
         marker = ("SET", self.keys.marker(link.token), link.seq, "PX", MARKER_TTL_MS)
-        replies = link.call([("MULTI",), *tx.queued, marker, ("EXEC",)])
+        queued = [*tx.queued, marker]
+        if tx.assumed:
+            applied = self._commit_assumed(link, tx, queued)
+        else:
+            applied = self._exec(link, queued)
+        if applied:
+            self._known.learn(tx.queued, tx.seen, self._remembered)
+        return applied
+
+    def _exec(self, link: Link, queued: list[Command]) -> bool:
+        replies = link.call([("MULTI",), *queued, ("EXEC",)])
         result = replies[-1]
         if isinstance(result, ResponseError):
             # refused while queueing (out of memory, no permission, ...): nothing applied
-            queued = [r for r in replies[:-1] if isinstance(r, ResponseError)]
-            raise queued[0] if queued and isinstance(result, ExecAbortError) else result
+            refused = [r for r in replies[:-1] if isinstance(r, ResponseError)]
+            raise refused[0] if refused and isinstance(result, ExecAbortError) else result
         if result is None:
             return False
         failed = [r for r in result if isinstance(r, ResponseError)]
         if failed:
-            raise MetaUnavailable(
-                f"Redis at {self.config.server} failed a command of a committed transaction, "
-                f"which was applied in part: {failed[0]} (are keys of this prefix written by "
-                "another program?)"
-            )
+            self._applied_in_part(failed[0])
         return True
+
+    def _commit_assumed(self, link: Link, tx: RedisTxn, queued: list[Command]) -> bool:
+        args = apply_args(tx.assumed, queued, self.APPLY_SCRIPTS)
+        if args is None:  # a script that cannot run inside LUA_APPLY: check the old way
+            if not self._still_holds(link, tx.assumed):
+                self._known.drop(tx.assumed)
+                return False
+            return self._exec(link, queued)
+        keys, argv = args
+        if tx.watched:  # reads of other keys watched: EXEC checks them, the script the rest
+            replies = link.call(
+                [("MULTI",), ("EVAL", LUA_APPLY, len(keys), *keys, *argv), ("EXEC",)]
+            )
+            result = replies[-1]
+            if isinstance(result, ResponseError):
+                raise result
+            if result is None:
+                self._known.drop(tx.assumed)
+                return False
+            reply = result[0]
+        else:
+            reply = link.eval(LUA_APPLY, keys, argv)
+        if isinstance(reply, ResponseError):
+            raise reply
+        if reply == 0:
+            self._known.drop(tx.assumed)
+            return False
+        if reply != 1:
+            self._applied_in_part(reply[1])
+        return True
+
+    def _still_holds(self, link: Link, assumed: Assumed) -> bool:
+        """Watch the assumed keys and read them: whether they hold what was assumed (the
+        watch then guards them until the commit)."""
+        strings = [k for k in assumed if isinstance(k, str)]
+        fields = [k for k in assumed if not isinstance(k, str)]
+        watch = [*strings, *{k[0] for k in fields}]
+        cmds: list[Command] = [("WATCH", *watch)]
+        cmds += [("GET", k) for k in strings] + [("HGET", k, f) for k, f in fields]
+        replies = link.call(cmds)[1:]
+        for r in replies:
+            if isinstance(r, ResponseError):
+                raise r
+        expected = [assumed[k] for k in strings] + [assumed[k] for k in fields]
+        return all(
+            (r is None and e is None) or (r is not None and bytes(r) == e)
+            for r, e in zip(replies, expected, strict=True)
+        )
+
+    def _applied_in_part(self, error: Any) -> NoReturn:
+        raise MetaUnavailable(
+            f"Redis at {self.config.server} failed a command of a committed transaction, "
+            f"which was applied in part: {error} (are keys of this prefix written by "
+            "another program?)"
+        )
 
     def _resolve(self, link: Link, error: RedisError, outage: _Outage) -> bool:
         """The reply of a commit was lost: read its marker once the server answers again.

@@ -55,8 +55,10 @@ from typing import Any, Protocol, cast, overload
 from redis.exceptions import ResponseError
 
 from loftfs.errors import MetaUnavailable, NotFormatted
+from loftfs.meta.redis_assume import SLICE_REFS_FN, Assumed, Known
 from loftfs.meta.txn import SETTING_VOLUME, FlockRec, NewFile, PlockRange, SessionRec
 from loftfs.meta.types import (
+    CHUNK_SIZE,
     ROOT_INODE,
     Attr,
     AttrRow,
@@ -95,18 +97,9 @@ Command = tuple[Any, ...]
 # --- would otherwise fail inside EXEC while the other commands apply) -------------------------
 
 # KEYS: refs, dead. ARGV: id, size, delta, id, size, delta, ...
-LUA_SLICE_REFS = """
-for i = 1, #ARGV, 3 do
-  local id, size, delta = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local n = redis.call('HINCRBY', KEYS[1], id, delta)
-  if n <= 0 then
-    redis.call('ZADD', KEYS[2], id, id .. ':' .. size)
-  elseif n - delta <= 0 then
-    redis.call('ZREM', KEYS[2], id .. ':' .. size)
-  end
-end
-return 0
-"""
+LUA_SLICE_REFS = (
+    f"local slice_refs = {SLICE_REFS_FN}\nslice_refs(KEYS[1], KEYS[2], ARGV, 1)\nreturn 0\n"
+)
 
 # KEYS: refs, dead. ARGV: ids
 LUA_FORGET_SLICES = """
@@ -367,24 +360,35 @@ class RedisTxn:
         "_cache",
         "_chunks",
         "_entries",
+        "_known",
         "_link",
         "_queued",
         "_watched",
+        "assumed",
         "k",
         "reads",
+        "seen",
         "write",
     )
 
-    def __init__(self, link: Conn, keys: Keys, write: bool) -> None:
+    def __init__(self, link: Conn, keys: Keys, write: bool, known: Known | None = None) -> None:
         self._link = link
         self.k = keys
         self.write = write
+        self._known = known if write else None  # values a prefetch may assume
         self._watched: set[str] = set()
         self._queued: list[Command] = []
         self._cache: dict[str, Any] = {}  # key -> value read (None: missing)
         self._chunks: dict[int, list[int]] = {}  # inode -> what chunk_indexes() returned
         self._entries: dict[tuple[int, bytes], Any] = {}  # (parent, name) -> entry read ahead
         self.reads = 0  # round trips of watched reads
+        self.assumed: Assumed = {}  # taken from ``known`` instead of read: checked at commit
+        self.seen: dict[str, Any] = {}  # values of attribute and chunk keys read or assumed
+
+    @property
+    def watched(self) -> bool:
+        """Whether a read of this transaction sent a ``WATCH``."""
+        return bool(self._watched)
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -487,7 +491,7 @@ class RedisTxn:
             data = self._cache[key]
         else:
             data = self._read1([key], ("GET", key))
-            self._cache[key] = data
+            self._cache[key] = self.seen[key] = data
         if data is None:
             if inode == ROOT_INODE and not self.has_volume():
                 raise NotFormatted(
@@ -513,38 +517,72 @@ class RedisTxn:
         attrs: Sequence[int] = (),
         entries: Sequence[tuple[int, bytes]] = (),
         chunks: Sequence[tuple[int, int]] = (),
+        *,
+        assume: bool = False,
     ) -> None:
         """Read these in one round trip (watched in a write transaction): the reads that
-        follow find them here."""
+        follow find them here. With ``assume`` (a write transaction of a process that keeps
+        ``Known`` values), values known here are taken as they are and checked at commit
+        (``loftfs.meta.redis_assume``); so are a chunk past the end of a file whose
+        attributes are known (assumed absent) and the entries asked for in a directory whose
+        attributes are known (assumed absent: a name is created right after the kernel looked
+        it up). What is left is read."""
+        known = self._known if assume else None
         cmds: list[Command] = []
         keys: list[str] = []
         cached: list[str | tuple[int, bytes]] = []
+        sizes: dict[int, int] = {}
         for inode in attrs:
             key = self.k.attr(inode)
-            if key not in self._cache:
-                keys.append(key)
-                cmds.append(("GET", key))
-                cached.append(key)
-        for index in chunks:
-            key = self.k.chunk(*index)
-            if key not in self._cache:
-                keys.append(key)
-                cmds.append(("GET", key))
-                cached.append(key)
+            if key in self._cache:
+                continue
+            if known is not None:
+                hit, value = known.get(key)
+                if hit:
+                    self._assume(key, value)
+                    if value is not None:
+                        sizes[inode] = unpack_attr(inode, value).size
+                    continue
+            keys.append(key)
+            cmds.append(("GET", key))
+            cached.append(key)
+        for inode, index in chunks:
+            key = self.k.chunk(inode, index)
+            if key in self._cache:
+                continue
+            if known is not None:
+                hit, value = known.get(key)
+                size = sizes.get(inode)
+                if hit or (size is not None and size <= index * CHUNK_SIZE):
+                    self._assume(key, value)
+                    continue
+            keys.append(key)
+            cmds.append(("GET", key))
+            cached.append(key)
         for parent, name in entries:
-            if (parent, name) not in self._entries:
-                keys.append(self.k.dir(parent))
-                cmds.append(("HGET", self.k.dir(parent), name))
-                cached.append((parent, name))
+            if (parent, name) in self._entries:
+                continue
+            dkey = self.k.dir(parent)
+            if known is not None and parent in sizes:
+                value = known.get((dkey, name))[1]
+                self.assumed[(dkey, name)] = value
+                self._entries[(parent, name)] = value
+                continue
+            keys.append(dkey)
+            cmds.append(("HGET", dkey, name))
+            cached.append((parent, name))
         if not cmds:
             return
         if self.write:  # several keys read: an error drawn from them is checked (see reads)
             self.reads += len(cmds) - 1
         for where, value in zip(cached, self._read(keys, cmds), strict=True):
             if isinstance(where, str):
-                self._cache[where] = value
+                self._cache[where] = self.seen[where] = value
             else:
                 self._entries[where] = value
+
+    def _assume(self, key: str, value: bytes | None) -> None:
+        self._cache[key] = self.seen[key] = self.assumed[key] = value
 
     def get_entry(self, parent: int, name: bytes) -> tuple[int, FileType] | None:
         dkey = self.k.dir(parent)
@@ -633,7 +671,9 @@ class RedisTxn:
                 pos = known.index(index)
                 keys += [self.k.chunk(inode, i) for i in known[pos + 1 : pos + CHUNK_BATCH]]
                 keys = [k for k in keys if k not in self._cache]
-            self._cache.update(zip(keys, self._read1(keys, ("MGET", *keys)), strict=True))
+            values = dict(zip(keys, self._read1(keys, ("MGET", *keys)), strict=True))
+            self._cache.update(values)
+            self.seen.update(values)
         return unpack_slices(self._cache[key])
 
     def chunk_indexes(self, inode: int) -> list[int]:

@@ -294,6 +294,8 @@ class SQLTxn:
         attrs: Sequence[int] = (),
         entries: Sequence[tuple[int, bytes]] = (),
         chunks: Sequence[tuple[int, int]] = (),
+        *,
+        assume: bool = False,
     ) -> None:
         return None  # each read is one statement: nothing to gain
 

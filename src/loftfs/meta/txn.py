@@ -115,9 +115,13 @@ class Txn(Protocol):
         attrs: Sequence[int] = (),
         entries: Sequence[tuple[int, bytes]] = (),
         chunks: Sequence[tuple[int, int]] = (),
+        *,
+        assume: bool = False,
     ) -> None:
         """Hint: these attributes, entries (parent, name) and chunks (inode, index) are read
-        next. An engine that pays a round trip per read reads them in one; others ignore it."""
+        next. An engine that pays a round trip per read reads them in one; others ignore it.
+        ``assume``: values this process saw last may stand in for the reads, checked when the
+        transaction commits (Redis: one round trip instead of two, ``redis_assume``)."""
         ...
 
     # --- directory entries --------------------------------------------------------------------
