@@ -64,10 +64,12 @@ def test_write_slice(meta: Meta) -> None:
     ids = {meta.new_slice_id() for _ in range(1500)}
     assert len(ids) == 1500 and 0 not in ids
     s = meta.new_slice_id()
-    assert meta.write_slice(f.inode, 0, Slice(0, s, 100, 0, 100), 42) == 1
+    done = meta.write_slice(f.inode, 0, Slice(0, s, 100, 0, 100), 42)
     a = meta.getattr(f.inode)
+    assert done.slices == 1 and done.attr == a  # what the commit wrote is what is stored
     assert a.size == 100 and a.mtime_ns == 42 and a.ctime_ns > 42
-    assert meta.write_slice(f.inode, 0, Slice(50, s, 100, 10, 20), NOW) == 2
+    done = meta.write_slice(f.inode, 0, Slice(50, s, 100, 10, 20), NOW)
+    assert done.slices == 2 and done.attr == meta.getattr(f.inode)
     assert meta.getattr(f.inode).size == 100
     assert meta.read_chunk(f.inode, 0) == [Slice(0, s, 100, 0, 100), Slice(50, s, 100, 10, 20)]
     assert meta.read_chunk(f.inode, 1) == []

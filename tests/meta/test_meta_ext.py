@@ -171,7 +171,7 @@ def test_external_slice_is_reference_counted(meta: Meta) -> None:
     put(meta, {sid: rec, other: RECORDS[0]})
     f = mkfile(meta, ROOT, b"imported").inode
     external = Slice(0, sid, 1000, 0, 1000, kind=KIND_EXTERNAL)
-    assert meta.write_slice(f, 0, external, NOW) == 1
+    assert meta.write_slice(f, 0, external, NOW).slices == 1
     assert meta.read_chunk(f, 0) == [external]
     native = meta.new_slice_id()
     meta.write_slice(f, 1, Slice(0, native, 10, 0, 10), NOW)

@@ -30,7 +30,7 @@ from loftfs.chunk.writeback import WriteBack
 from loftfs.chunk.writer import FileWriter, WriteContext
 from loftfs.errors import ConfigError, FSError
 from loftfs.meta.interface import Meta
-from loftfs.meta.types import CHUNK_SIZE, KIND_EXTERNAL, Slice, VolumeSettings
+from loftfs.meta.types import CHUNK_SIZE, KIND_EXTERNAL, Attr, Slice, VolumeSettings
 from loftfs.metrics import Metrics
 from loftfs.object.interface import ObjectStore
 from loftfs.sources import SourceStores
@@ -187,12 +187,12 @@ class DataPath:
             log.warning("writer of inode %d released with unflushed data; flushing", inode)
             w.flush()
 
-    def flush(self, inode: int) -> None:
-        """Commit all buffered writes of ``inode``; no-op if none."""
+    def flush(self, inode: int) -> Attr | None:
+        """Commit all buffered writes of ``inode``; no-op if none. Returns the attributes
+        the last commit of this call wrote (None when it made none)."""
         with self._lock:
             w = self._writers.get(inode)
-        if w is not None:
-            w.flush()
+        return w.flush() if w is not None else None
 
     def dirty_size(self, inode: int) -> int:
         """End offset of the buffered (uncommitted) data of ``inode``, 0 if none."""

@@ -27,7 +27,7 @@ from loftfs.chunk.layout import block_key, chunk_ranges
 from loftfs.chunk.pool import WorkerPool
 from loftfs.errors import FSError, LoftError
 from loftfs.meta.interface import Meta
-from loftfs.meta.types import CHUNK_SIZE, Slice
+from loftfs.meta.types import CHUNK_SIZE, Attr, Slice
 from loftfs.object.interface import ObjectStore
 from loftfs.utils import now_ns
 
@@ -161,6 +161,8 @@ class FileWriter:
         self._slices: list[_SliceBuffer] = []  # uncommitted, in write order
         self._uploading = 0
         self._error: LoftError | None = None
+        # the attributes the last commit wrote, and when (monotonic): what ``flush`` returns
+        self._committed: tuple[Attr, float] | None = None
         # small enough that several pieces fit in the budget at once
         self._piece_size = max(4096, min(WRITE_PIECE, ctx.budget.total // 4))
 
@@ -337,7 +339,7 @@ class FileWriter:
                         return
                 rec = Slice(s.pos, s.id, s.length, 0, s.length)
                 try:
-                    count = self.ctx.meta.write_slice(self.inode, s.index, rec, s.mtime_ns)
+                    done = self.ctx.meta.write_slice(self.inode, s.index, rec, s.mtime_ns)
                 except Exception as e:
                     log.error("commit of slice %d of inode %d failed: %s", s.id, self.inode, e)
                     error = e if isinstance(e, LoftError) else FSError(errno.EIO, str(e))
@@ -354,8 +356,9 @@ class FileWriter:
                     return
                 with self._lock:
                     self._slices.remove(s)
+                    self._committed = (done.attr, time.monotonic())
                     self._cond.notify_all()
-                self.ctx.on_commit(self.inode, s.index, count)
+                self.ctx.on_commit(self.inode, s.index, done.slices)
 
     def _commit_what_fits(self, s: _SliceBuffer) -> tuple[int, int]:
         """The slice does not fit in the quota: commit as much of its beginning as does, so data
@@ -367,7 +370,7 @@ class FileWriter:
             mid = lo + max(_FIT_ALIGN, (hi - lo) // 2 // _FIT_ALIGN * _FIT_ALIGN)
             rec = Slice(s.pos + lo, s.id, s.length, lo, mid - lo)
             try:
-                count = self.ctx.meta.write_slice(self.inode, s.index, rec, s.mtime_ns)
+                count = self.ctx.meta.write_slice(self.inode, s.index, rec, s.mtime_ns).slices
             except FSError as e:
                 if e.errno not in _NO_SPACE:
                     break
@@ -408,10 +411,13 @@ class FileWriter:
             self._lock.release()
         return True
 
-    def flush(self) -> None:
+    def flush(self) -> Attr | None:
         """Upload what is buffered, wait, and commit it. Raises ``FSError(EIO)`` when a block
         could not be uploaded (the unwritten data is dropped, nothing more is committed) and
-        the metadata engine's error (e.g. ENOSPC) when a commit failed."""
+        the metadata engine's error (e.g. ENOSPC) when a commit failed. Returns the file's
+        attributes as the last commit made during this call left them (None when it made
+        none: nothing was buffered, or it was committed before)."""
+        started = time.monotonic()
         with self._lock:
             if self._error is None:
                 for s in self._slices:
@@ -423,7 +429,8 @@ class FileWriter:
         with self._lock:
             error = self._error
             if error is None:
-                return
+                done = self._committed
+                return done[0] if done is not None and done[1] >= started else None
             dropped = self._slices
             self._slices = []
             self._error = None

@@ -23,6 +23,7 @@ from loftfs.meta.types import (
     Listing,
     SessionInfo,
     Slice,
+    SliceCommit,
     StatFS,
     VolumeSettings,
 )
@@ -208,10 +209,10 @@ class Meta(ABC):
         """A fresh, never reused slice id (allocated in batches per client)."""
 
     @abstractmethod
-    def write_slice(self, inode: int, index: int, slice: Slice, mtime_ns: int) -> int:
+    def write_slice(self, inode: int, index: int, slice: Slice, mtime_ns: int) -> SliceCommit:
         """Append ``slice`` (whose blocks are already durable) to chunk ``index``; grow the file
         to cover it; set mtime/ctime. Raises ENOSPC/EDQUOT past the quota. Returns the chunk's
-        slice count afterwards (a hint for compaction)."""
+        slice count afterwards (a hint for compaction) and the attributes it wrote."""
 
     @abstractmethod
     def truncate(self, ctx: Ctx, inode: int, length: int, *, check_perm: bool = True) -> Attr:

@@ -30,6 +30,7 @@ from loftfs.meta.types import (
     ExtObject,
     FileType,
     Slice,
+    SliceCommit,
     StatFS,
 )
 
@@ -54,13 +55,13 @@ class DataOps(MetaCore):
     def read_chunk(self, inode: int, index: int) -> list[Slice]:
         return self._read(lambda tx: tx.get_chunk(inode, index))
 
-    def write_slice(self, inode: int, index: int, slice: Slice, mtime_ns: int) -> int:
+    def write_slice(self, inode: int, index: int, slice: Slice, mtime_ns: int) -> SliceCommit:
         _check_slice(index, slice)
         end = index * CHUNK_SIZE + slice.pos + slice.len
         if end > MAX_FILE_SIZE:
             raise FSError(errno.EFBIG)
 
-        def fn(tx: Txn, acct: Acct) -> int:
+        def fn(tx: Txn, acct: Acct) -> SliceCommit:
             tx.prefetch(attrs=[inode], chunks=[(inode, index)], assume=True)
             attr = self._get_file(tx, inode)
             count = len(tx.get_chunk(inode, index))
@@ -76,7 +77,7 @@ class DataOps(MetaCore):
             new.ctime_ns = now
             tx.put_attr(new)
             acct.space += delta
-            return count + 1
+            return SliceCommit(count + 1, new)
 
         return self._write(fn)
 

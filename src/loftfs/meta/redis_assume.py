@@ -14,8 +14,8 @@ Used where the same client commits the same keys again and again: the slice comm
 being written (each finds the attributes and chunk its previous commit wrote), the first
 commit of a file this client just created (chunk assumed absent), and a create in a
 directory this client just created something in (the new name assumed absent: the kernel has
-just looked it up). Measured on Redis + SeaweedFS (docs/PERFORMANCE.md): one round trip of
-the two of every slice commit, about 0.3 ms of each small file's close.
+just looked it up). Measured through a mount on Redis + SeaweedFS (docs/PERFORMANCE.md): a
+small file's slice commit 0.91 -> 0.65 ms, its create 0.64-0.77 -> 0.57 ms (medians).
 """
 
 from __future__ import annotations

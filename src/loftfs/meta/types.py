@@ -176,6 +176,14 @@ class Slice:
         return self.pos + self.len
 
 
+class SliceCommit(NamedTuple):
+    """What ``write_slice`` committed: the chunk's slice count afterwards (a hint for
+    compaction) and the file's attributes as the commit left them."""
+
+    slices: int
+    attr: Attr
+
+
 KIND_NATIVE = 0  # a slice stored as blocks of the volume's own object store
 KIND_EXTERNAL = 1  # a slice whose bytes are a range of an object in a source bucket
 

@@ -539,10 +539,11 @@ class VFS:
     def _commit(self, inode: int) -> Attr | None:
         st = self._inodes.get(inode)
         expected = st.size if st is not None else -1
-        self.data.flush(inode)
+        committed = self.data.flush(inode)
         if st is None:
             return None
-        attr = self.meta.getattr(inode)
+        # what the commit just wrote, as a read right after it would return (saves that read)
+        attr = committed if committed is not None else self.meta.getattr(inode)
         st.size = attr.size
         self._remember(inode, attr)
         return attr if attr.size == expected else None
