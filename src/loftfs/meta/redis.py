@@ -83,8 +83,20 @@ from redis.exceptions import (
 from loftfs.errors import ConfigError, FSError, LoftError, MetaUnavailable, NotFormatted
 from loftfs.meta import perm
 from loftfs.meta.base import BaseMeta
-from loftfs.meta.redis_assume import LUA_APPLY, REFS, Assumed, Known, apply_args
+from loftfs.meta.redis_assume import (
+    LUA_APPLY,
+    REFS,
+    Assumed,
+    Known,
+    ScriptEffects,
+    apply_args,
+    changes_nothing_remembered,
+)
 from loftfs.meta.redis_txn import (
+    LUA_DEL_INDEXED,
+    LUA_DEL_LOCKS,
+    LUA_DEL_SESSION_OPENS,
+    LUA_FORGET_SLICES,
     LUA_LOOKUP,
     LUA_SLICE_REFS,
     Command,
@@ -417,6 +429,14 @@ class RedisMeta(BaseMeta):
     #: Lua scripts a commit on assumed values runs inside ``LUA_APPLY`` (as pseudo-commands);
     #: a transaction that queues another checks its assumptions with a WATCH first.
     APPLY_SCRIPTS: ClassVar[dict[str, str]] = {LUA_SLICE_REFS: REFS}
+    #: What each queued script changes among the keys ``Known`` remembers (see there).
+    SCRIPT_EFFECTS: ClassVar[ScriptEffects] = {
+        LUA_DEL_INDEXED: lambda cmd: [cmd[4]],  # the chunks of one inode, by their head
+        LUA_SLICE_REFS: changes_nothing_remembered,  # reference counts
+        LUA_FORGET_SLICES: changes_nothing_remembered,
+        LUA_DEL_SESSION_OPENS: changes_nothing_remembered,  # open records
+        LUA_DEL_LOCKS: changes_nothing_remembered,  # lock records
+    }
 
     def __init__(self, url: str) -> None:
         self.config = parse_url(url)
@@ -425,9 +445,8 @@ class RedisMeta(BaseMeta):
         self._pool = LinkPool(self.config.connection)
         # values of attribute, chunk and entry keys as this process last read or wrote them:
         # some write transactions assume them and commit in one round trip (redis_assume)
-        self._known = Known()
         head = self.keys.head
-        self._remembered = (head + "i", head + "c", head + "d")
+        self._known = Known((head + "i", head + "c", head + "d"), head + "c")
         # reads a listing's next batch of attribute records while one is paged out
         self._listing_pool: ThreadPoolExecutor | None = None
         self._listing_pid = 0
@@ -681,7 +700,7 @@ class RedisMeta(BaseMeta):
                             applied = self._commit(link, tx)
                         except RedisError as e:
                             self._known.drop(tx.assumed)
-                            self._known.forget(tx.queued)  # applied or not: unknown
+                            self._known.forget(tx.queued, self.SCRIPT_EFFECTS)  # outcome unknown
                             applied = self._resolve(link, e, outage)
                     elif tx.assumed:  # nothing written, but on assumptions: read for real
                         self._known.drop(tx.assumed)
@@ -727,7 +746,7 @@ class RedisMeta(BaseMeta):
         else:
             applied = self._exec(link, queued)
         if applied:
-            self._known.learn(tx.queued, tx.seen, self._remembered)
+            self._known.learn(tx.queued, tx.seen, self.SCRIPT_EFFECTS)
         return applied
 
     def _exec(self, link: Link, queued: list[Command]) -> bool:

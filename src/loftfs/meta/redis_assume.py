@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 Command = tuple[Any, ...]
@@ -120,14 +120,31 @@ def apply_args(
     return keys, argv
 
 
+#: What a queued Lua script changes among remembered keys: the heads (``P:cN_``) of the chunk
+#: keys it deletes, from its command. A script missing from the table forgets everything.
+ScriptEffects = Mapping[str, Callable[[Command], Sequence[str]]]
+
+
+def changes_nothing_remembered(cmd: Command) -> Sequence[str]:
+    return ()
+
+
 class Known:
     """The values of attribute, chunk and entry keys as this process last read or committed
     them, most recent ``limit``; thread-safe. A value may be stale (another client changed
-    it since): whoever assumes it has it checked at commit."""
+    it since): whoever assumes it has it checked at commit. ``families``: the key prefixes
+    remembered (attributes ``P:i``, chunks ``P:c``, directories ``P:d``); ``chunk_family``:
+    the one whose keys are ``<family><inode>_<index>``, forgotten by inode."""
 
-    def __init__(self, limit: int = KNOWN_MAX) -> None:
+    def __init__(
+        self, families: tuple[str, ...], chunk_family: str, limit: int = KNOWN_MAX
+    ) -> None:
         self._values: OrderedDict[str | tuple[str, bytes], bytes | None] = OrderedDict()
+        self._fields: dict[str, set[tuple[str, bytes]]] = {}  # hash key -> its known fields
+        self._chunks: dict[str, set[str]] = {}  # chunk head P:cN_ -> its known chunk keys
         self._lock = threading.Lock()
+        self.families = families
+        self.chunk_family = chunk_family
         self.limit = limit
 
     def __len__(self) -> int:
@@ -145,42 +162,33 @@ class Known:
         with self._lock:
             self._put_locked(where, value)
 
-    def _put_locked(self, where: str | tuple[str, bytes], value: bytes | None) -> None:
-        self._values[where] = value
-        self._values.move_to_end(where)
-        while len(self._values) > self.limit:
-            self._values.popitem(last=False)
-
-    def drop(self, keys: Sequence[str | tuple[str, bytes]] | Mapping[Any, Any]) -> None:
+    def drop(self, keys: Iterable[str | tuple[str, bytes]]) -> None:
         with self._lock:
             for where in keys:
-                self._values.pop(where, None)
+                self._pop_locked(where)
 
     def clear(self) -> None:
         with self._lock:
             self._values.clear()
+            self._fields.clear()
+            self._chunks.clear()
 
     def learn(
-        self,
-        queued: Sequence[Command],
-        seen: Mapping[str, bytes | None],
-        remembered: tuple[str, ...],
+        self, queued: Sequence[Command], seen: Mapping[str, bytes | None], scripts: ScriptEffects
     ) -> None:
-        """What a committed transaction wrote: ``SET``/``APPEND``/``DEL`` of string keys
-        starting with one of ``remembered`` and ``HSET``/``HDEL`` of single entries of hash
-        keys starting with one of them. ``seen``: the values the transaction read (an
-        ``APPEND`` to a value it did not read leaves the key unknown). Any other command on
-        a known key, a Lua script above all, forgets what it may have changed."""
+        """What a committed transaction wrote: ``SET``/``APPEND``/``DEL`` of remembered
+        string keys and ``HSET``/``HDEL`` of single entries. ``seen``: the values the
+        transaction read (an ``APPEND`` to a value it did not read leaves the key unknown).
+        Any other command on a remembered key forgets it, a script what ``scripts`` says it
+        changes (everything when it is not there)."""
         with self._lock:
             for cmd in queued:
                 name = cmd[0]
                 key = cmd[1] if len(cmd) > 1 else None
-                if not isinstance(key, str):
+                if name == "EVAL":
+                    self._forget_script_locked(cmd, scripts)
                     continue
-                if name == "EVAL":  # the script's keys, and keys named by a prefix argument
-                    self._forget_script_locked(cmd)
-                    continue
-                if not key.startswith(remembered):
+                if not isinstance(key, str) or not key.startswith(self.families):
                     continue
                 if name == "SET" and len(cmd) == 3:
                     self._put_locked(key, bytes(cmd[2]))
@@ -195,28 +203,67 @@ class Known:
                 else:
                     self._forget_key_locked(key)
 
-    def forget(self, queued: Sequence[Command]) -> None:
-        """Forget every key ``queued`` may have changed (a commit of unknown outcome)."""
+    def forget(self, queued: Sequence[Command], scripts: ScriptEffects) -> None:
+        """Forget every remembered key ``queued`` may have changed (a commit of unknown
+        outcome)."""
         with self._lock:
             for cmd in queued:
                 if cmd[0] == "EVAL":
-                    self._forget_script_locked(cmd)
+                    self._forget_script_locked(cmd, scripts)
                 elif len(cmd) > 1 and isinstance(cmd[1], str):
                     self._forget_key_locked(cmd[1])
 
-    def _forget_key_locked(self, key: str) -> None:
-        self._values.pop(key, None)
-        for where in [w for w in self._values if isinstance(w, tuple) and w[0] == key]:
-            del self._values[where]
+    # --- under the lock ---------------------------------------------------------------------
 
-    def _forget_script_locked(self, cmd: Command) -> None:
-        nkeys = int(cmd[2])
-        named = [a for a in cmd[3:] if isinstance(a, str)]
-        for key in named[:nkeys]:
-            self._forget_key_locked(key)
-        prefixes = tuple(named[nkeys:])  # e.g. the chunk keys of an inode by their head
-        if prefixes:
-            for where in list(self._values):
-                key = where if isinstance(where, str) else where[0]
-                if key.startswith(prefixes):
-                    del self._values[where]
+    def _chunk_head(self, key: str) -> str | None:
+        if key.startswith(self.chunk_family) and "_" in key:
+            return key[: key.rindex("_") + 1]
+        return None
+
+    def _put_locked(self, where: str | tuple[str, bytes], value: bytes | None) -> None:
+        values = self._values
+        if where not in values:
+            if isinstance(where, tuple):
+                self._fields.setdefault(where[0], set()).add(where)
+            else:
+                head = self._chunk_head(where)
+                if head is not None:
+                    self._chunks.setdefault(head, set()).add(where)
+        values[where] = value
+        values.move_to_end(where)
+        while len(values) > self.limit:
+            self._pop_locked(next(iter(values)))
+
+    def _pop_locked(self, where: str | tuple[str, bytes]) -> None:
+        if where not in self._values:
+            return
+        del self._values[where]
+        if isinstance(where, tuple):
+            fields = self._fields.get(where[0])
+            if fields is not None:
+                fields.discard(where)
+                if not fields:
+                    del self._fields[where[0]]
+            return
+        head = self._chunk_head(where)
+        chunks = None if head is None else self._chunks.get(head)
+        if head is not None and chunks is not None:
+            chunks.discard(where)
+            if not chunks:
+                del self._chunks[head]
+
+    def _forget_key_locked(self, key: str) -> None:
+        self._pop_locked(key)
+        for where in list(self._fields.get(key, ())):
+            self._pop_locked(where)
+
+    def _forget_script_locked(self, cmd: Command, scripts: ScriptEffects) -> None:
+        effects = scripts.get(cmd[1])
+        if effects is None:
+            self._values.clear()
+            self._fields.clear()
+            self._chunks.clear()
+            return
+        for head in effects(cmd):
+            for key in list(self._chunks.get(head, ())):
+                self._pop_locked(key)
