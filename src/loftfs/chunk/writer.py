@@ -149,6 +149,10 @@ def _extend(s: _SliceBuffer, data: memoryview, block_size: int) -> None:
     s.fill = need
 
 
+#: An upload to run: the slice, the block's key, its bytes.
+_Upload = tuple["_SliceBuffer", str, "bytes | bytearray"]
+
+
 class FileWriter:
     """The single writer of one inode in this process. Thread-safe."""
 
@@ -262,7 +266,9 @@ class FileWriter:
 
     # --- upload and commit ------------------------------------------------------------------
 
-    def _seal_locked(self, s: _SliceBuffer) -> None:
+    def _seal_locked(self, s: _SliceBuffer, here: list[_Upload] | None = None) -> None:
+        """No more data for ``s``: upload its tail (into ``here`` instead of the pool when
+        given: the caller runs it) and commit once its blocks are stored."""
         s.sealed = True
         if s.fill:
             tail: bytes | bytearray
@@ -272,11 +278,13 @@ class FileWriter:
                 with memoryview(s.buf) as mv:
                     tail = bytes(mv[: s.fill])
             s.buf, s.fill = bytearray(), 0
-            self._upload_locked(s, tail)
+            self._upload_locked(s, tail, here)
         elif s.pending == 0:
             self._schedule_commit()
 
-    def _upload_locked(self, s: _SliceBuffer, block: bytes | bytearray) -> None:
+    def _upload_locked(
+        self, s: _SliceBuffer, block: bytes | bytearray, here: list[_Upload] | None = None
+    ) -> None:
         # ``block`` may be the slice's former buffer: nothing writes to it any more, and every
         # store takes any bytes-like object.
         key = block_key(self.ctx.volume_uuid, s.id, s.flushed, len(block))
@@ -284,6 +292,12 @@ class FileWriter:
         s.pending += 1
         self._uploading += 1
         self.ctx.uploads.add(1)
+        if here is not None:
+            here.append((s, key, block))
+        else:
+            self._submit_locked(s, key, block)
+
+    def _submit_locked(self, s: _SliceBuffer, key: str, block: bytes | bytearray) -> None:
         try:
             self.ctx.pool.submit(self._upload, s, key, block)
         except RuntimeError:  # pool shut down: fail like an upload would
@@ -418,11 +432,22 @@ class FileWriter:
         attributes as the last commit made during this call left them (None when it made
         none: nothing was buffered, or it was committed before)."""
         started = time.monotonic()
+        tails: list[_Upload] = []
+        here: _Upload | None = None
         with self._lock:
             if self._error is None:
                 for s in self._slices:
                     if not s.sealed:
-                        self._seal_locked(s)
+                        self._seal_locked(s, tails)
+            if len(tails) == 1 and self._uploading == 1:
+                # the only upload left (a small file's close): store and commit it in this
+                # thread, which would only wait for a pool thread to do it (two handoffs)
+                here = tails.pop()
+            for upload in tails:
+                self._submit_locked(*upload)
+        if here is not None:
+            self._upload(*here)
+        with self._lock:
             while self._uploading:
                 self._cond.wait()
         self._commit_ready()
