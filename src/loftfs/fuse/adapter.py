@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from loftfs.errors import FSError, LoftError
+from loftfs.errors import ConfigError, FSError, LoftError
 from loftfs.fuse.common import IO_SIZE, device_number, fill_statvfs
 from loftfs.meta.types import NOW, ROW_NLINK, Attr, Ctx, FileType
 from loftfs.metrics import Metrics, is_failure
@@ -359,8 +359,6 @@ def serve_pyfuse3(
     ``on_ready`` (in a thread) once the mount answered a ``stat``. The kernel mount is gone
     when this returns; committing and closing stay with the caller, as for ``serve_lowlevel``.
     """
-    from loftfs.errors import ConfigError
-
     try:
         pyfuse3.init(FuseOperations(vfs, opts, metrics), mountpoint, options)
     except RuntimeError as e:  # libfuse rejected an option or could not mount
