@@ -163,6 +163,15 @@ def test_known_learns_what_a_commit_wrote() -> None:
     assert known.get(("P:d1", b"y")) == (True, None)
     assert known.get("P:i7") == (True, None)
     assert known.get("P:other") == (False, None)
+    # appends in one transaction build on each other; a SET or DEL is their new base
+    known.learn(
+        [("APPEND", "P:c5_0", b"+2"), ("APPEND", "P:c5_0", b"+3"), ("DEL", "P:c6_0"),
+         ("APPEND", "P:c6_0", b"new")],
+        {"P:c5_0": b"old+rec"},
+        scripts,
+    )  # fmt: skip
+    assert known.get("P:c5_0") == (True, b"old+rec+2+3")
+    assert known.get("P:c6_0") == (True, b"new")
     known.put("P:c5_1", b"c1")
     known.put("P:c55_0", b"another inode")
     # a script forgets what its table entry says: the chunks of one inode

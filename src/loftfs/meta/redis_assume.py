@@ -182,6 +182,7 @@ class Known:
         Any other command on a remembered key forgets it, a script what ``scripts`` says it
         changes (everything when it is not there)."""
         with self._lock:
+            now: dict[str, bytes | None] = {}  # values as this transaction left them so far
             for cmd in queued:
                 name = cmd[0]
                 key = cmd[1] if len(cmd) > 1 else None
@@ -191,16 +192,21 @@ class Known:
                 if not isinstance(key, str) or not key.startswith(self.families):
                     continue
                 if name == "SET" and len(cmd) == 3:
-                    self._put_locked(key, bytes(cmd[2]))
-                elif name == "APPEND" and key in seen:
-                    self._put_locked(key, (seen[key] or b"") + bytes(cmd[2]))
+                    now[key] = bytes(cmd[2])
+                    self._put_locked(key, now[key])
+                elif name == "APPEND" and (key in now or key in seen):
+                    base = now[key] if key in now else seen[key]
+                    now[key] = (base or b"") + bytes(cmd[2])
+                    self._put_locked(key, now[key])
                 elif name == "DEL" and len(cmd) == 2:
+                    now[key] = None
                     self._put_locked(key, None)
                 elif name == "HSET" and len(cmd) == 4:
                     self._put_locked((key, bytes(cmd[2])), bytes(cmd[3]))
                 elif name == "HDEL" and len(cmd) == 3:
                     self._put_locked((key, bytes(cmd[2])), None)
                 else:
+                    now.pop(key, None)
                     self._forget_key_locked(key)
 
     def forget(self, queued: Sequence[Command], scripts: ScriptEffects) -> None:
