@@ -102,6 +102,7 @@ from loftfs.meta.redis_txn import (
     Command,
     Keys,
     RedisTxn,
+    _checked,
     unpack_attr,
     unpack_entry,
     unpack_slices,
@@ -747,6 +748,8 @@ class RedisMeta(BaseMeta):
             applied = self._exec(link, queued)
         if applied:
             self._known.learn(tx.queued, tx.seen, self.SCRIPT_EFFECTS)
+        else:  # read for real when the transaction runs again
+            self._known.drop(tx.assumed)
         return applied
 
     def _exec(self, link: Link, queued: list[Command]) -> bool:
@@ -766,10 +769,7 @@ class RedisMeta(BaseMeta):
     def _commit_assumed(self, link: Link, tx: RedisTxn, queued: list[Command]) -> bool:
         args = apply_args(tx.assumed, queued, self.APPLY_SCRIPTS)
         if args is None:  # a script that cannot run inside LUA_APPLY: check the old way
-            if not self._still_holds(link, tx.assumed):
-                self._known.drop(tx.assumed)
-                return False
-            return self._exec(link, queued)
+            return self._still_holds(link, tx.assumed) and self._exec(link, queued)
         keys, argv = args
         if tx.watched:  # reads of other keys watched: EXEC checks them, the script the rest
             replies = link.call(
@@ -779,7 +779,6 @@ class RedisMeta(BaseMeta):
             if isinstance(result, ResponseError):
                 raise result
             if result is None:
-                self._known.drop(tx.assumed)
                 return False
             reply = result[0]
         else:
@@ -787,7 +786,6 @@ class RedisMeta(BaseMeta):
         if isinstance(reply, ResponseError):
             raise reply
         if reply == 0:
-            self._known.drop(tx.assumed)
             return False
         if reply != 1:
             self._applied_in_part(reply[1])
@@ -801,10 +799,7 @@ class RedisMeta(BaseMeta):
         watch = [*strings, *{k[0] for k in fields}]
         cmds: list[Command] = [("WATCH", *watch)]
         cmds += [("GET", k) for k in strings] + [("HGET", k, f) for k, f in fields]
-        replies = link.call(cmds)[1:]
-        for r in replies:
-            if isinstance(r, ResponseError):
-                raise r
+        replies = _checked(link.call(cmds))[1:]
         expected = [assumed[k] for k in strings] + [assumed[k] for k in fields]
         return all(
             (r is None and e is None) or (r is not None and bytes(r) == e)

@@ -169,9 +169,7 @@ class Known:
 
     def clear(self) -> None:
         with self._lock:
-            self._values.clear()
-            self._fields.clear()
-            self._chunks.clear()
+            self._clear_locked()
 
     def learn(
         self, queued: Sequence[Command], seen: Mapping[str, bytes | None], scripts: ScriptEffects
@@ -221,6 +219,11 @@ class Known:
 
     # --- under the lock ---------------------------------------------------------------------
 
+    def _clear_locked(self) -> None:
+        self._values.clear()
+        self._fields.clear()
+        self._chunks.clear()
+
     def _chunk_head(self, key: str) -> str | None:
         if key.startswith(self.chunk_family) and "_" in key:
             return key[: key.rindex("_") + 1]
@@ -266,9 +269,7 @@ class Known:
     def _forget_script_locked(self, cmd: Command, scripts: ScriptEffects) -> None:
         effects = scripts.get(cmd[1])
         if effects is None:
-            self._values.clear()
-            self._fields.clear()
-            self._chunks.clear()
+            self._clear_locked()
             return
         for head in effects(cmd):
             for key in list(self._chunks.get(head, ())):
