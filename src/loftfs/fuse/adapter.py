@@ -108,7 +108,9 @@ class FuseOperations(pyfuse3.Operations):
             self._reported.popitem(last=False)
         return before is not None and before != now
 
-    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+    def _entry(self, attr: Attr, age: float = 0.0) -> pyfuse3.EntryAttributes:
+        """The reply to a lookup or getattr; ``age``: how long ago ``attr`` was read (an
+        answer from the vfs's cache), taken off the timeouts."""
         if attr.type == FileType.FILE:
             self._report(attr)
         e = pyfuse3.EntryAttributes()
@@ -117,8 +119,8 @@ class FuseOperations(pyfuse3.Operations):
         timeout = (
             self.opts.dir_entry_timeout if attr.type == FileType.DIR else self.opts.entry_timeout
         )
-        e.entry_timeout = timeout
-        e.attr_timeout = self.opts.attr_timeout
+        e.entry_timeout = max(0.0, timeout - age)
+        e.attr_timeout = max(0.0, self.opts.attr_timeout - age)
         e.st_mode = attr.st_mode
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid
@@ -137,14 +139,14 @@ class FuseOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        attr = await self._run(self.vfs.lookup, _ctx(ctx), parent_inode, name)
-        return self._entry(attr)
+        attr, age = await self._run(self.vfs.lookup_aged, _ctx(ctx), parent_inode, name)
+        return self._entry(attr, age)
 
     async def forget(self, inode_list: Any) -> None:
         return None  # inodes are kept in the metadata engine, not in memory
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._run(self.vfs.getattr, inode))
+        return self._entry(*await self._run(self.vfs.getattr_aged, inode))
 
     async def setattr(
         self,

@@ -433,25 +433,27 @@ class LowLevelOperations:
             for key in list(itertools.islice(reported, max(n, REPORTED_MAX // 2))):
                 reported.pop(key, None)
 
-    def _entry(self, attr: Attr) -> abi.EntryParam:
+    def _entry(self, attr: Attr, age: float = 0.0) -> abi.EntryParam:
+        """The reply to a lookup; ``age``: how long ago ``attr`` was read (an answer from the
+        vfs's cache), taken off the timeouts."""
         self._remember_reported(attr)
         e = abi.EntryParam()
         e.ino = attr.inode
         fill_stat(e.attr, attr)
-        e.attr_timeout = self.opts.attr_timeout
-        e.entry_timeout = (
-            self.opts.dir_entry_timeout if attr.type == FileType.DIR else self.opts.entry_timeout
-        )
+        opts = self.opts
+        e.attr_timeout = max(0.0, opts.attr_timeout - age)
+        ttl = opts.dir_entry_timeout if attr.type == FileType.DIR else opts.entry_timeout
+        e.entry_timeout = max(0.0, ttl - age)
         return e
 
-    def _reply_entry(self, req: int, attr: Attr) -> None:
-        self.lib.fuse_reply_entry(req, ctypes.byref(self._entry(attr)))
+    def _reply_entry(self, req: int, attr: Attr, age: float = 0.0) -> None:
+        self.lib.fuse_reply_entry(req, ctypes.byref(self._entry(attr, age)))
 
-    def _reply_attr(self, req: int, attr: Attr) -> None:
+    def _reply_attr(self, req: int, attr: Attr, age: float = 0.0) -> None:
         self._remember_reported(attr)
         st = abi.Stat()
         fill_stat(st, attr)
-        self.lib.fuse_reply_attr(req, ctypes.byref(st), self.opts.attr_timeout)
+        self.lib.fuse_reply_attr(req, ctypes.byref(st), max(0.0, self.opts.attr_timeout - age))
 
     def _invalidate_attrs(self, attr: Attr) -> None:
         """Close-to-open: the file changed since the kernel cached its attributes (another
@@ -521,10 +523,10 @@ class LowLevelOperations:
     # --- attributes ------------------------------------------------------------------------------
 
     def lookup(self, req: int, parent: int, name: bytes) -> None:
-        self._reply_entry(req, self.vfs.lookup(self._ctx(req), parent, name))
+        self._reply_entry(req, *self.vfs.lookup_aged(self._ctx(req), parent, name))
 
     def getattr(self, req: int, ino: int, fi: Any) -> None:
-        self._reply_attr(req, self.vfs.getattr(ino))
+        self._reply_attr(req, *self.vfs.getattr_aged(ino))
 
     def setattr(self, req: int, ino: int, st_ptr: Any, to_set: int, fi: Any) -> None:
         ctx = self._ctx(req)

@@ -237,6 +237,7 @@ def run_mount(
     data.register_metrics(metrics)
     vfs = VFS(meta, data, settings, opts)
     metrics.register_source("lazy", vfs.lazy.figures)
+    metrics.register_source("meta_cache", vfs.cache.figures)
     meta.new_session(
         {**process_identity(), "mountpoint": real, "version": _version()},
         heartbeat_s=opts.heartbeat_s,

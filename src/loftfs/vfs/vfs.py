@@ -19,17 +19,19 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 from loftfs.chunk.datapath import BlockSlice, DataPath, ReadState
 from loftfs.errors import FSError
+from loftfs.meta import perm
 from loftfs.meta.interface import Meta
 from loftfs.meta.ops_import import LAZY_MARK
 from loftfs.meta.types import (
     FALLOC_FL_KEEP_SIZE,
     ROOT_CTX,
     ROW_RDEV,
+    X_OK,
     Attr,
     AttrRow,
     Ctx,
@@ -39,6 +41,7 @@ from loftfs.meta.types import (
     VolumeSettings,
 )
 from loftfs.vfs.lazy import LazyDirs
+from loftfs.vfs.metacache import MetaCache
 from loftfs.vfs.options import MountOptions
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,7 @@ class _InodeState:
 
     opens: int = 0
     size: int = 0  # committed size as last seen, raised by our own writes
+    changed: bool = False  # written, truncated... through this mount while open
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -109,6 +113,8 @@ class VFS:
         self.opts = opts
         # directories bound to a source prefix, listed from it when first needed
         self.lazy = LazyDirs(meta, data.external.sources)
+        # names and attributes answered from memory for the rest of their kernel validity
+        self.cache = MetaCache(opts.attr_timeout, opts.entry_timeout, opts.dir_entry_timeout)
         self._fh = itertools.count(1)
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
@@ -167,13 +173,52 @@ class VFS:
     def _listed(self, inode: int) -> None:
         """List a directory bound to a source prefix before its first lookup or listing."""
         if self.lazy.pending(inode):
-            self.lazy.populate(inode)
+            try:
+                self.lazy.populate(inode)
+            finally:
+                self.cache.forget(inode)
 
     # --- attributes and lookups ------------------------------------------------------------------
 
     def lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
         self._listed(parent)
         return self._with_dirty(self.meta.lookup(ctx, parent, name))
+
+    def lookup_aged(self, ctx: Ctx, parent: int, name: bytes) -> tuple[Attr, float]:
+        """``lookup`` for the kernel, which may be answered from ``self.cache``: (attributes,
+        their age in seconds, to be taken off the timeouts the kernel is given)."""
+        cache = self.cache
+        if not cache.enabled:
+            return self.lookup(ctx, parent, name), 0.0
+        hit = cache.entry(parent, name)
+        if hit is not None and hit[0].inode not in self._inodes:
+            attr, age, pattr = hit
+            perm.check(ctx, pattr, X_OK)  # as the engine's lookup does
+            return self._with_dirty(attr), age
+        gen, read_at = cache.generation(), time.monotonic()
+        self._listed(parent)
+        attr = self.meta.lookup(ctx, parent, name)
+        if attr.inode not in self._inodes:
+            cache.put(attr, gen, read_at, parent, name)
+        return self._with_dirty(attr), 0.0
+
+    def getattr_aged(self, inode: int) -> tuple[Attr, float]:
+        """``getattr`` for the kernel, which may be answered from ``self.cache``: (attributes,
+        their age in seconds)."""
+        cache = self.cache
+        if not cache.enabled or inode in self._inodes:
+            return self.getattr(inode), 0.0
+        hit = cache.attr(inode)
+        if hit is not None:
+            return self._with_dirty(hit[0]), hit[1]
+        gen, read_at = cache.generation(), time.monotonic()
+        try:
+            attr = self.meta.getattr(inode)
+        except FSError:
+            return self.getattr(inode), 0.0  # a file removed while a light handle has it
+        if inode not in self._inodes:
+            cache.put(attr, gen, read_at)
+        return self._with_dirty(attr), 0.0
 
     def getattr(self, inode: int) -> Attr:
         try:
@@ -211,6 +256,24 @@ class VFS:
         ctime_ns: int | None = None,
     ) -> Attr:
         self._check_writable()
+        try:
+            return self._setattr(ctx, inode, fh, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns)
+        finally:
+            self.cache.forget(inode)
+
+    def _setattr(
+        self,
+        ctx: Ctx,
+        inode: int,
+        fh: int | None,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+        size: int | None,
+        atime_ns: int | None,
+        mtime_ns: int | None,
+        ctime_ns: int | None,
+    ) -> Attr:
         attr: Attr | None = None
         if size is not None:
             if size < 0:
@@ -239,11 +302,15 @@ class VFS:
 
     def _truncate(self, ctx: Ctx, inode: int, size: int, *, check_perm: bool) -> Attr:
         self.data.flush(inode)
-        attr = self.meta.truncate(ctx, inode, size, check_perm=check_perm)
+        try:
+            attr = self.meta.truncate(ctx, inode, size, check_perm=check_perm)
+        finally:
+            self.cache.forget(inode)
         self.data.invalidate(inode)
         st = self._inodes.get(inode)
         if st is not None:
             st.size = attr.size
+            st.changed = True
         return attr
 
     def access(self, ctx: Ctx, inode: int, mask: int) -> None:
@@ -258,29 +325,45 @@ class VFS:
     def mknod(
         self, ctx: Ctx, parent: int, name: bytes, type: FileType, mode: int, rdev: int = 0
     ) -> Attr:
-        self._check_writable()
-        return self.meta.mknod(ctx, parent, name, type, mode, rdev)
+        return self._add(parent, name, lambda: self.meta.mknod(ctx, parent, name, type, mode, rdev))
 
     def mkdir(self, ctx: Ctx, parent: int, name: bytes, mode: int) -> Attr:
-        self._check_writable()
-        return self.meta.mkdir(ctx, parent, name, mode)
+        return self._add(parent, name, lambda: self.meta.mkdir(ctx, parent, name, mode))
 
     def symlink(self, ctx: Ctx, parent: int, name: bytes, target: bytes) -> Attr:
+        return self._add(parent, name, lambda: self.meta.symlink(ctx, parent, name, target))
+
+    def _add(self, parent: int, name: bytes, make: Callable[[], Attr]) -> Attr:
+        """Make a new name with ``make``; its attributes, as the commit made them, are kept for
+        the kernel (and the directory's are forgotten: they changed)."""
         self._check_writable()
-        return self.meta.symlink(ctx, parent, name, target)
+        read_at = time.monotonic()
+        try:
+            attr = make()
+        finally:
+            self.cache.changed_dir(parent, name)
+        self.cache.put(attr, self.cache.generation(), read_at, parent, name)
+        return attr
 
     def readlink(self, ctx: Ctx, inode: int) -> bytes:
         return self.meta.readlink(inode)
 
     def link(self, ctx: Ctx, inode: int, new_parent: int, new_name: bytes) -> Attr:
         self._check_writable()
-        return self._with_dirty(self.meta.link(ctx, inode, new_parent, new_name))
+        try:
+            return self._with_dirty(self.meta.link(ctx, inode, new_parent, new_name))
+        finally:
+            self.cache.changed_dir(new_parent, new_name)
+            self.cache.forget(inode)
 
     def unlink(self, ctx: Ctx, parent: int, name: bytes) -> None:
         self._check_writable()
         self.release_lingering()
         # A light handle of the file keeps reading its snapshot (and fstat answers, nlink 0).
-        self.meta.unlink(ctx, parent, name)
+        try:
+            self.meta.unlink(ctx, parent, name)
+        finally:
+            self.cache.forget_all()
 
     def rmdir(self, ctx: Ctx, parent: int, name: bytes) -> None:
         self._check_writable()
@@ -294,14 +377,20 @@ class VFS:
         if child is not None and child.type == FileType.DIR and child.rdev == LAZY_MARK:
             self.lazy.seen(child.inode)
             self.lazy.populate(child.inode)
-        self.meta.rmdir(ctx, parent, name)
+        try:
+            self.meta.rmdir(ctx, parent, name)
+        finally:
+            self.cache.forget_all()
 
     def rename(
         self, ctx: Ctx, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0
     ) -> None:
         self._check_writable()
         self.release_lingering()
-        self.meta.rename(ctx, parent, name, new_parent, new_name, flags)
+        try:
+            self.meta.rename(ctx, parent, name, new_parent, new_name, flags)
+        finally:
+            self.cache.forget_all()
 
     # --- files -----------------------------------------------------------------------------------
 
@@ -369,6 +458,7 @@ class VFS:
                 # this open relies on
                 claimed = self._lingering.pop(inode, None)
                 covered = (st is not None and st.opens > 0) or claimed is not None
+            read_at = time.monotonic()
             if (
                 light
                 and not covered
@@ -388,6 +478,7 @@ class VFS:
                     raise
             else:  # not open here and no record left: the first open in this mount
                 attr = self._first_open(ctx, inode, flags)
+            self.cache.refresh(attr, read_at)  # a stat after this open shows no older attributes
             fh, keep = self._register_open(attr, flags, fresh=not covered)
             if inode in self._light:
                 self._promote(inode)
@@ -404,7 +495,9 @@ class VFS:
         """A light open (caller holds the inode's open lock, and nothing of it is open or
         lingering here); None when the file does not qualify (the caller opens it normally).
         Errors of the permission check are raised as ``open`` would."""
+        read_at = time.monotonic()
         attr, slices = self.meta.peek(ctx, inode, flags)
+        self.cache.refresh(attr, read_at)  # a stat after this open shows no older attributes
         if attr.type != FileType.FILE or slices is None or attr.size > LIGHT_FILE_MAX:
             return None
         try:
@@ -456,6 +549,7 @@ class VFS:
         try:
             attr = self.meta.create(ctx, parent, name, mode, flags)
         except FSError as e:
+            self.cache.changed_dir(parent, name)
             if e.errno != errno.EEXIST or flags & os.O_EXCL:
                 raise
             # Another client created the name since the kernel's lookup: open it instead.
@@ -463,6 +557,7 @@ class VFS:
             fh, _, attr = self.open(ctx, existing.inode, flags & ~os.O_CREAT)
             return fh, attr
         fh, _ = self._register_open(attr, flags)
+        self.cache.changed_dir(parent, name)
         return fh, attr
 
     def _file_size(self, inode: int) -> int:
@@ -517,6 +612,7 @@ class VFS:
         h.written = True
         st = self._inodes.get(h.inode)
         if st is not None:
+            st.changed = True
             with st.lock:
                 st.size = max(st.size, offset + len(buf))
         return len(buf)
@@ -578,6 +674,8 @@ class VFS:
                     try:
                         self.data.flush(inode)
                     finally:
+                        if st is None or st.changed or h.written:
+                            self.cache.forget(inode)  # its size and times moved meanwhile
                         self.data.release_writer(inode)
                         # meta tracks opens per (session, inode): only the last handle releases,
                         # and it does so a little later, in a batch (RELEASE_LINGER_S).
@@ -637,11 +735,16 @@ class VFS:
             raise FSError(errno.EINVAL)
         self._check_writable()
         self.data.flush(h.inode)
-        attr = self.meta.fallocate(ctx, h.inode, mode, offset, length)
+        try:
+            attr = self.meta.fallocate(ctx, h.inode, mode, offset, length)
+        finally:
+            self.cache.forget(h.inode)
         self.data.invalidate(h.inode)
         st = self._inodes.get(h.inode)
-        if st is not None and not mode & FALLOC_FL_KEEP_SIZE:
-            st.size = attr.size
+        if st is not None:
+            st.changed = True
+            if not mode & FALLOC_FL_KEEP_SIZE:
+                st.size = attr.size
 
     def copy_file_range(
         self, ctx: Ctx, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int
@@ -650,8 +753,14 @@ class VFS:
         self._check_writable()
         self.data.flush(src.inode)
         self.data.flush(dst.inode)
-        n = self.meta.copy_file_range(ctx, src.inode, off_in, dst.inode, off_out, length)
+        try:
+            n = self.meta.copy_file_range(ctx, src.inode, off_in, dst.inode, off_out, length)
+        finally:
+            self.cache.forget(dst.inode)
         self.data.invalidate(dst.inode)
+        st = self._inodes.get(dst.inode)
+        if st is not None:
+            st.changed = True
         self._refresh_size(dst.inode)
         return n
 
@@ -693,7 +802,7 @@ class VFS:
         if attr.type != FileType.DIR:
             raise FSError(errno.ENOTDIR)
         if self.lazy.pending(inode):
-            self.lazy.populate(inode)
+            self._listed(inode)
             attr = self.meta.getattr(inode)
         fh = next(self._fh)
         with self._lock:
@@ -774,14 +883,20 @@ class VFS:
         self._check_writable()
         if len(value) > XATTR_SIZE_MAX:
             raise FSError(errno.E2BIG)
-        self.meta.setxattr(ctx, inode, name, value, flags)
+        try:
+            self.meta.setxattr(ctx, inode, name, value, flags)
+        finally:
+            self.cache.forget(inode)
 
     def listxattr(self, ctx: Ctx, inode: int) -> list[bytes]:
         return self.meta.listxattr(ctx, inode)
 
     def removexattr(self, ctx: Ctx, inode: int, name: bytes) -> None:
         self._check_writable()
-        self.meta.removexattr(ctx, inode, name)
+        try:
+            self.meta.removexattr(ctx, inode, name)
+        finally:
+            self.cache.forget(inode)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
