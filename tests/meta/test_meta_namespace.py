@@ -83,6 +83,34 @@ def test_create_opens(meta: Meta) -> None:
         meta.getattr(f.inode)
 
 
+def test_make_returns_what_its_commit_left(meta: Meta) -> None:
+    """``make``: the new node's attributes and the parent's, each equal to a read right after
+    (the vfs keeps both for the kernel, which asks for the directory's right away)."""
+    d = meta.mkdir(C, ROOT, b"d", 0o755)
+    kinds = [
+        (b"f", FileType.FILE, {"open": True}),
+        (b"sub", FileType.DIR, {}),
+        (b"l", FileType.SYMLINK, {"target": b"f"}),
+        (b"p", FileType.FIFO, {}),
+        (b"c", FileType.CHR, {"rdev": 0x0102}),
+    ]
+    for name, kind, kw in kinds:
+        time.sleep(0.002)  # a later commit, later times
+        before = meta.getattr(d.inode)
+        attr, pattr = meta.make(C, d.inode, name, kind, 0o640, **kw)  # type: ignore[arg-type]
+        assert attr == meta.lookup(C, d.inode, name) and attr.type == kind
+        assert pattr == meta.getattr(d.inode) and pattr.mtime_ns > before.mtime_ns
+        assert pattr.nlink == before.nlink + (kind == FileType.DIR)
+    assert meta.readlink(meta.lookup(C, d.inode, b"l").inode) == b"f"
+    assert meta.lookup(C, d.inode, b"l").mode == 0o777
+    meta.unlink(C, d.inode, b"f")
+    assert meta.getattr(meta.lookup(C, d.inode, b"c").inode).rdev == 0x0102
+    with fs_error(errno.ENOENT):
+        meta.make(C, d.inode, b"l2", FileType.SYMLINK, 0o777)  # no target
+    with fs_error(errno.EEXIST):
+        meta.make(C, d.inode, b"sub", FileType.FILE, 0o644)
+
+
 def test_mkdir_nlink(meta: Meta) -> None:
     a = meta.mkdir(C, ROOT, b"a", 0o755)
     assert a.nlink == 2 and a.size == 4096 and a.parent == ROOT

@@ -130,6 +130,23 @@ class Meta(ABC):
         """``mknod`` of a regular file followed by ``open`` with ``flags``, in one transaction."""
 
     @abstractmethod
+    def make(
+        self,
+        ctx: Ctx,
+        parent: int,
+        name: bytes,
+        type: FileType,
+        mode: int,
+        *,
+        rdev: int = 0,
+        target: bytes = b"",
+        open: bool = False,
+    ) -> tuple[Attr, Attr]:
+        """``mknod``, ``mkdir``, ``symlink`` (``target``) or, with ``open``, ``create`` of a
+        regular file, whichever ``type`` says; returns the new node's attributes and the
+        parent's as the same commit left them (what a caller keeping attributes needs)."""
+
+    @abstractmethod
     def mkdir(self, ctx: Ctx, parent: int, name: bytes, mode: int) -> Attr: ...
 
     @abstractmethod

@@ -108,6 +108,28 @@ class NamespaceOps(MetaCore):
 
     # --- creating -----------------------------------------------------------------------------
 
+    def make(
+        self,
+        ctx: Ctx,
+        parent: int,
+        name: bytes,
+        type: FileType,
+        mode: int,
+        *,
+        rdev: int = 0,
+        target: bytes = b"",
+        open: bool = False,
+    ) -> tuple[Attr, Attr]:
+        type = FileType(type)
+        if type == FileType.SYMLINK:
+            if not target:
+                raise FSError(errno.ENOENT)
+            if len(target) > MAX_SYMLINK or b"\0" in target:
+                raise FSError(errno.ENAMETOOLONG if len(target) > MAX_SYMLINK else errno.EINVAL)
+            mode = 0o777
+        sid = self._session_id() if open and type == FileType.FILE else 0
+        return self._make(ctx, parent, name, type, mode, rdev, target, sid)
+
     def _make(
         self,
         ctx: Ctx,
@@ -118,14 +140,15 @@ class NamespaceOps(MetaCore):
         rdev: int = 0,
         target: bytes = b"",
         open_sid: int = 0,
-    ) -> Attr:
-        """Create one node (any type) in ``parent``; ``open_sid`` also records it as open."""
+    ) -> tuple[Attr, Attr]:
+        """Create one node (any type) in ``parent``; ``open_sid`` also records it as open.
+        Returns its attributes and the parent's, as the commit left them."""
         check_name(name)
         if name in _DOTS:
             raise FSError(errno.EEXIST)
         inode = self._alloc_inode()
 
-        def fn(tx: Txn, acct: Acct) -> Attr:
+        def fn(tx: Txn, acct: Acct) -> tuple[Attr, Attr]:
             tx.prefetch(attrs=[parent], entries=[(parent, name)], assume=True)
             pattr = self._get_dir(tx, parent)
             perm.check(ctx, pattr, W_OK | X_OK)
@@ -165,7 +188,7 @@ class NamespaceOps(MetaCore):
                 tx.add_open(open_sid, inode)
             acct.space += space_of(type, size)
             acct.inodes += 1
-            return attr
+            return attr, new_parent
 
         return self._write(fn)
 
@@ -174,22 +197,17 @@ class NamespaceOps(MetaCore):
     ) -> Attr:
         if type == FileType.SYMLINK:
             raise FSError(errno.EINVAL)
-        return self._make(ctx, parent, name, FileType(type), mode, rdev)
+        return self.make(ctx, parent, name, type, mode, rdev=rdev)[0]
 
     def create(self, ctx: Ctx, parent: int, name: bytes, mode: int, flags: int) -> Attr:
         """The creator may open the new file with any access mode, whatever ``mode`` says."""
-        sid = self._session_id()
-        return self._make(ctx, parent, name, FileType.FILE, mode, open_sid=sid)
+        return self.make(ctx, parent, name, FileType.FILE, mode, open=True)[0]
 
     def mkdir(self, ctx: Ctx, parent: int, name: bytes, mode: int) -> Attr:
-        return self._make(ctx, parent, name, FileType.DIR, mode)
+        return self.make(ctx, parent, name, FileType.DIR, mode)[0]
 
     def symlink(self, ctx: Ctx, parent: int, name: bytes, target: bytes) -> Attr:
-        if not target:
-            raise FSError(errno.ENOENT)
-        if len(target) > MAX_SYMLINK or b"\0" in target:
-            raise FSError(errno.ENAMETOOLONG if len(target) > MAX_SYMLINK else errno.EINVAL)
-        return self._make(ctx, parent, name, FileType.SYMLINK, 0o777, target=target)
+        return self.make(ctx, parent, name, FileType.SYMLINK, 0o777, target=target)[0]
 
     def readlink(self, inode: int) -> bytes:
         def fn(tx: Txn) -> bytes:

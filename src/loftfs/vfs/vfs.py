@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 from loftfs.chunk.datapath import BlockSlice, DataPath, ReadState
@@ -325,24 +325,45 @@ class VFS:
     def mknod(
         self, ctx: Ctx, parent: int, name: bytes, type: FileType, mode: int, rdev: int = 0
     ) -> Attr:
-        return self._add(parent, name, lambda: self.meta.mknod(ctx, parent, name, type, mode, rdev))
+        if type == FileType.SYMLINK:
+            raise FSError(errno.EINVAL)
+        return self._add(ctx, parent, name, type, mode, rdev=rdev)
 
     def mkdir(self, ctx: Ctx, parent: int, name: bytes, mode: int) -> Attr:
-        return self._add(parent, name, lambda: self.meta.mkdir(ctx, parent, name, mode))
+        return self._add(ctx, parent, name, FileType.DIR, mode)
 
     def symlink(self, ctx: Ctx, parent: int, name: bytes, target: bytes) -> Attr:
-        return self._add(parent, name, lambda: self.meta.symlink(ctx, parent, name, target))
+        return self._add(ctx, parent, name, FileType.SYMLINK, 0o777, target=target)
 
-    def _add(self, parent: int, name: bytes, make: Callable[[], Attr]) -> Attr:
-        """Make a new name with ``make``; its attributes, as the commit made them, are kept for
-        the kernel (and the directory's are forgotten: they changed)."""
+    def _add(
+        self,
+        ctx: Ctx,
+        parent: int,
+        name: bytes,
+        type: FileType,
+        mode: int,
+        *,
+        rdev: int = 0,
+        target: bytes = b"",
+        open: bool = False,
+    ) -> Attr:
+        """Make a new name (``Meta.make``). What the commit made of it and of its directory is
+        kept for the kernel (which asks for the directory's attributes right after), unless
+        another change through this mount came in between."""
         self._check_writable()
-        read_at = time.monotonic()
+        cache = self.cache
+        gen, read_at = cache.generation(), time.monotonic()
         try:
-            attr = make()
+            attr, pattr = self.meta.make(
+                ctx, parent, name, type, mode, rdev=rdev, target=target, open=open
+            )
         finally:
-            self.cache.changed_dir(parent, name)
-        self.cache.put(attr, self.cache.generation(), read_at, parent, name)
+            cache.changed_dir(parent, name)
+        # ``changed_dir`` moved the generation on by one: any other change since ``gen`` was
+        # taken leaves it further on, and these answers (perhaps older than it) are not kept
+        cache.put(pattr, gen + 1, read_at)
+        if not open:  # an open file is not answered from memory
+            cache.put(attr, gen + 1, read_at, parent, name)
         return attr
 
     def readlink(self, ctx: Ctx, inode: int) -> bytes:
@@ -545,11 +566,9 @@ class VFS:
                     self._light.setdefault(inode, set()).update(kept)
 
     def create(self, ctx: Ctx, parent: int, name: bytes, mode: int, flags: int) -> tuple[int, Attr]:
-        self._check_writable()
         try:
-            attr = self.meta.create(ctx, parent, name, mode, flags)
+            attr = self._add(ctx, parent, name, FileType.FILE, mode, open=True)
         except FSError as e:
-            self.cache.changed_dir(parent, name)
             if e.errno != errno.EEXIST or flags & os.O_EXCL:
                 raise
             # Another client created the name since the kernel's lookup: open it instead.
@@ -557,7 +576,6 @@ class VFS:
             fh, _, attr = self.open(ctx, existing.inode, flags & ~os.O_CREAT)
             return fh, attr
         fh, _ = self._register_open(attr, flags)
-        self.cache.changed_dir(parent, name)
         return fh, attr
 
     def _file_size(self, inode: int) -> int:
