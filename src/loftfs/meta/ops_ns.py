@@ -120,6 +120,9 @@ class NamespaceOps(MetaCore):
         target: bytes = b"",
         open: bool = False,
     ) -> tuple[Attr, Attr]:
+        """Create one node (any type) in ``parent``; ``open`` also records a regular file as
+        open in this session. Returns its attributes and the parent's, as the commit left
+        them."""
         type = FileType(type)
         if type == FileType.SYMLINK:
             if not target:
@@ -127,22 +130,7 @@ class NamespaceOps(MetaCore):
             if len(target) > MAX_SYMLINK or b"\0" in target:
                 raise FSError(errno.ENAMETOOLONG if len(target) > MAX_SYMLINK else errno.EINVAL)
             mode = 0o777
-        sid = self._session_id() if open and type == FileType.FILE else 0
-        return self._make(ctx, parent, name, type, mode, rdev, target, sid)
-
-    def _make(
-        self,
-        ctx: Ctx,
-        parent: int,
-        name: bytes,
-        type: FileType,
-        mode: int,
-        rdev: int = 0,
-        target: bytes = b"",
-        open_sid: int = 0,
-    ) -> tuple[Attr, Attr]:
-        """Create one node (any type) in ``parent``; ``open_sid`` also records it as open.
-        Returns its attributes and the parent's, as the commit left them."""
+        open_sid = self._session_id() if open and type == FileType.FILE else 0
         check_name(name)
         if name in _DOTS:
             raise FSError(errno.EEXIST)
