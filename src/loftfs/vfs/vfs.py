@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 from loftfs.chunk.datapath import BlockSlice, DataPath, ReadState
@@ -214,8 +214,8 @@ class VFS:
         gen, read_at = cache.generation(), time.monotonic()
         try:
             attr = self.meta.getattr(inode)
-        except FSError:
-            return self.getattr(inode), 0.0  # a file removed while a light handle has it
+        except FSError as e:
+            return self._removed(inode, e), 0.0
         if inode not in self._inodes:
             cache.put(attr, gen, read_at)
         return self._with_dirty(attr), 0.0
@@ -224,22 +224,26 @@ class VFS:
         try:
             return self._with_dirty(self.meta.getattr(inode))
         except FSError as e:
-            if e.errno != errno.ENOENT:
-                raise
-            # A directory removed while open, or a file another client deleted while a light
-            # handle has it: fstat on the handle still answers, nlink 0.
-            with self._lock:
-                attr = next((h.self_attr for h in self._dirs.values() if h.inode == inode), None)
-                if attr is None and inode in self._light:
-                    attr = next(
-                        (self._files[f].attr for f in self._light[inode] if f in self._files),
-                        None,
-                    )
-            if attr is None:
-                raise
-            attr = attr.copy()
-            attr.nlink = 0
-            return attr
+            return self._removed(inode, e)
+
+    def _removed(self, inode: int, e: FSError) -> Attr:
+        """The answer to a getattr the engine failed with ``e``: a directory removed while
+        open, or a file another client deleted while a light handle has it, still answers
+        (fstat on the handle, nlink 0); anything else raises ``e``."""
+        if e.errno != errno.ENOENT:
+            raise e
+        with self._lock:
+            attr = next((h.self_attr for h in self._dirs.values() if h.inode == inode), None)
+            if attr is None and inode in self._light:
+                attr = next(
+                    (self._files[f].attr for f in self._light[inode] if f in self._files),
+                    None,
+                )
+        if attr is None:
+            raise e
+        attr = attr.copy()
+        attr.nlink = 0
+        return attr
 
     def setattr(
         self,
@@ -256,24 +260,6 @@ class VFS:
         ctime_ns: int | None = None,
     ) -> Attr:
         self._check_writable()
-        try:
-            return self._setattr(ctx, inode, fh, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns)
-        finally:
-            self.cache.forget(inode)
-
-    def _setattr(
-        self,
-        ctx: Ctx,
-        inode: int,
-        fh: int | None,
-        mode: int | None,
-        uid: int | None,
-        gid: int | None,
-        size: int | None,
-        atime_ns: int | None,
-        mtime_ns: int | None,
-        ctime_ns: int | None,
-    ) -> Attr:
         attr: Attr | None = None
         if size is not None:
             if size < 0:
@@ -286,16 +272,19 @@ class VFS:
             if mtime_ns is not None:
                 # Buffered writes must not land after an explicit mtime and overwrite it.
                 self.data.flush(inode)
-            attr = self.meta.setattr(
-                ctx,
-                inode,
-                mode=mode,
-                uid=uid,
-                gid=gid,
-                atime_ns=atime_ns,
-                mtime_ns=mtime_ns,
-                ctime_ns=ctime_ns,
-            )
+            try:
+                attr = self.meta.setattr(
+                    ctx,
+                    inode,
+                    mode=mode,
+                    uid=uid,
+                    gid=gid,
+                    atime_ns=atime_ns,
+                    mtime_ns=mtime_ns,
+                    ctime_ns=ctime_ns,
+                )
+            finally:
+                self.cache.forget(inode)
         if attr is None:
             attr = self.meta.getattr(inode)
         return self._with_dirty(attr)
@@ -327,42 +316,44 @@ class VFS:
     ) -> Attr:
         if type == FileType.SYMLINK:
             raise FSError(errno.EINVAL)
-        return self._add(ctx, parent, name, type, mode, rdev=rdev)
+        return self._add(
+            parent, name, lambda: self.meta.make(ctx, parent, name, type, mode, rdev=rdev)
+        )
 
     def mkdir(self, ctx: Ctx, parent: int, name: bytes, mode: int) -> Attr:
-        return self._add(ctx, parent, name, FileType.DIR, mode)
+        return self._add(
+            parent, name, lambda: self.meta.make(ctx, parent, name, FileType.DIR, mode)
+        )
 
     def symlink(self, ctx: Ctx, parent: int, name: bytes, target: bytes) -> Attr:
-        return self._add(ctx, parent, name, FileType.SYMLINK, 0o777, target=target)
+        kind = FileType.SYMLINK
+        return self._add(
+            parent, name, lambda: self.meta.make(ctx, parent, name, kind, 0o777, target=target)
+        )
 
     def _add(
         self,
-        ctx: Ctx,
         parent: int,
         name: bytes,
-        type: FileType,
-        mode: int,
+        make: Callable[[], tuple[Attr, Attr]],
         *,
-        rdev: int = 0,
-        target: bytes = b"",
-        open: bool = False,
+        opened: bool = False,
     ) -> Attr:
-        """Make a new name (``Meta.make``). What the commit made of it and of its directory is
-        kept for the kernel (which asks for the directory's attributes right after), unless
-        another change through this mount came in between."""
+        """Make a new name with ``make`` (a ``Meta.make`` call). What the commit made of it and
+        of its directory is kept for the kernel (which asks for the directory's attributes right
+        after), unless another change through this mount came in between; ``opened``: the new
+        file is open here, so its own attributes are not kept."""
         self._check_writable()
         cache = self.cache
         gen, read_at = cache.generation(), time.monotonic()
         try:
-            attr, pattr = self.meta.make(
-                ctx, parent, name, type, mode, rdev=rdev, target=target, open=open
-            )
+            attr, pattr = make()
         finally:
             cache.changed_dir(parent, name)
         # ``changed_dir`` moved the generation on by one: any other change since ``gen`` was
         # taken leaves it further on, and these answers (perhaps older than it) are not kept
         cache.put(pattr, gen + 1, read_at)
-        if not open:  # an open file is not answered from memory
+        if not opened:
             cache.put(attr, gen + 1, read_at, parent, name)
         return attr
 
@@ -567,7 +558,12 @@ class VFS:
 
     def create(self, ctx: Ctx, parent: int, name: bytes, mode: int, flags: int) -> tuple[int, Attr]:
         try:
-            attr = self._add(ctx, parent, name, FileType.FILE, mode, open=True)
+            attr = self._add(
+                parent,
+                name,
+                lambda: self.meta.make(ctx, parent, name, FileType.FILE, mode, open=True),
+                opened=True,
+            )
         except FSError as e:
             if e.errno != errno.EEXIST or flags & os.O_EXCL:
                 raise
@@ -692,7 +688,7 @@ class VFS:
                     try:
                         self.data.flush(inode)
                     finally:
-                        if st is None or st.changed or h.written:
+                        if st is None or st.changed:
                             self.cache.forget(inode)  # its size and times moved meanwhile
                         self.data.release_writer(inode)
                         # meta tracks opens per (session, inode): only the last handle releases,
