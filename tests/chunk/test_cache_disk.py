@@ -893,3 +893,61 @@ def test_a_kept_descriptor_outlives_eviction_only_while_a_read_uses_it(
         assert os.readlink(link) != target
     except FileNotFoundError:
         pass
+
+
+def test_whole_block_is_one_read_of_the_file(
+    make: Callable[..., DiskCache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole-block read takes header and data in one read (one wait for a cold disk)."""
+    cache = make()
+    length = 5 * SEG + 3
+    k, data = key(1, length), payload(1, length)
+    assert cache.put_sync(k, data)
+    reads: list[int] = []
+    pread = os.pread
+
+    def counting(fd: int, n: int, off: int) -> bytes:
+        reads.append(n)
+        return pread(fd, n, off)
+
+    monkeypatch.setattr(cache_disk.os, "pread", counting)
+    assert cache.get(k, length) == data
+    assert reads == [fsize(1, length) + 1]  # one byte more: trailing bytes are corruption
+
+
+def test_prewarm(make: Callable[..., DiskCache], monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = make()
+    k, data = key(1, 9000), payload(1, 9000)
+    assert cache.put_sync(k, data)
+    advised: list[tuple[int, int, int, int]] = []
+    fadvise = os.posix_fadvise
+
+    def recording(fd: int, off: int, n: int, advice: int) -> None:
+        advised.append((fd, off, n, advice))
+        fadvise(fd, off, n, advice)
+
+    monkeypatch.setattr(cache_disk.os, "posix_fadvise", recording)
+    assert cache.prewarm(k, 9000)
+    assert [a[1:] for a in advised] == [(0, 0, os.POSIX_FADV_WILLNEED)]
+    assert cache.get(k, 9000) == data  # through the descriptor prewarm opened and kept
+    assert not cache.prewarm(key(2, 9000), 9000)  # not cached
+    assert not cache.prewarm(k, 0)
+    assert len(advised) == 1
+    assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 0  # no read counted
+
+
+def test_a_block_waiting_to_be_written_is_read_from_memory(
+    make: Callable[..., DiskCache], tmp_path: Path
+) -> None:
+    cache = make(start=False)  # no writer: puts wait
+    k, data = key(4, 7000), payload(4, 7000)
+    cache.put(k, data)
+    assert cache.stats()["pending_put_bytes"] == 7000
+    assert not raw_path(tmp_path / "cache", k).exists()
+    assert cache.prewarm(k, 7000)
+    assert cache.get(k, 7000) == data
+    assert cache.get_range(k, 7000, 100, 50) == data[100:150]
+    assert cache.get(k, 6999) is None  # another length: another block
+    cache.start()
+    wait_until(lambda: cache.stats()["blocks"] == 1)
+    assert cache.get(k, 7000) == data

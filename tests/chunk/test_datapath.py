@@ -701,3 +701,67 @@ def test_full_cache_gives_way_to_writers(volume: Volume) -> None:
     w.flush()
     assert len(volume.meta.read_chunk(dst, 0)) == 1
     assert dp.budget.peak <= 16 * BLOCK
+
+
+# --- preloading at lookup ---------------------------------------------------------------------
+
+
+def test_preload_fetches_in_the_background_once(volume: Volume, dp: DataPath) -> None:
+    inode = volume.new_file()
+    data = pattern(21, BLOCK + 5000)  # two blocks
+    dp.writer(inode).write(0, data)
+    dp.flush(inode)
+    counting = CountingStore(volume.files)
+    reader = volume.data_path(store=counting)
+    slices = volume.meta.read_chunk(inode, 0)
+    reader.preload(slices, len(data))
+    wait_until(lambda: len(counting.gets) == 2)
+    reader.preload(slices, len(data))  # in memory now: nothing fetched again
+    assert reader.read(inode, 0, len(data), len(data)) == data
+    assert len(counting.gets) == 2
+    assert reader.reader.preload_figures() == {
+        "disk_blocks_total": 0,
+        "fetched_blocks_total": 2,
+    }
+
+
+def test_preload_from_the_disk_cache_fetches_nothing(volume: Volume, dp: DataPath) -> None:
+    inode = volume.new_file()
+    data = pattern(22, 3000)
+    counting = CountingStore(volume.files)
+    cached = volume.data_path(
+        store=counting, cache_size=64 << 20, cache_dirs=[str(volume.root / "cache")]
+    )
+    cached.start()
+    cached.writer(inode).write(0, data)
+    cached.flush(inode)  # cached on write
+    wait_until(lambda: cached.disk is not None and cached.disk.stats()["blocks"] == 1)
+    cached.preload(volume.meta.read_chunk(inode, 0), len(data))
+    assert cached.reader.preload_figures()["disk_blocks_total"] == 1
+    assert cached.read(inode, 0, len(data), len(data)) == data
+    assert counting.gets == []
+
+
+def test_a_stale_preload_never_shows(volume: Volume, dp: DataPath) -> None:
+    """The slice list given to ``preload`` is a hint: reads use the file's current one."""
+    inode = volume.new_file()
+    old, new = pattern(23, 4000), pattern(24, 4000)
+    dp.writer(inode).write(0, old)
+    dp.flush(inode)
+    reader = volume.data_path()
+    reader.preload(volume.meta.read_chunk(inode, 0), len(old))
+    dp.writer(inode).write(0, new)  # another client rewrites the file
+    dp.flush(inode)
+    reader.invalidate(inode)  # what an open does
+    assert reader.read(inode, 0, 4000, 4000) == new
+    assert reader.read_snapshot(volume.meta.read_chunk(inode, 0), 4000) == new
+
+
+def test_preload_of_a_bad_slice_list_is_ignored(volume: Volume, dp: DataPath) -> None:
+    inode = volume.new_file()
+    dp.writer(inode).write(0, b"x" * 100)
+    dp.flush(inode)
+    (s,) = volume.meta.read_chunk(inode, 0)
+    bad = type(s)(s.pos, s.id, s.size, s.off, s.size + 10, s.kind)  # beyond its slice
+    dp.preload([bad], 110)  # logged, nothing raised
+    assert dp.reader.preload_figures()["fetched_blocks_total"] == 0

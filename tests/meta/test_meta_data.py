@@ -389,6 +389,35 @@ def test_peek_reads_attributes_and_chunk_0_and_records_nothing(meta: Meta) -> No
         meta.getattr(f.inode)
 
 
+def test_lookup_peek_is_lookup_with_chunk_0(meta: Meta) -> None:
+    d = meta.mkdir(C, ROOT, b"d", 0o755)
+    f = mkfile(meta, d.inode, b"f", 0o640)
+    write(meta, f.inode, 0, 5000)
+    write(meta, f.inode, 100, 10)
+    attr, slices = meta.lookup_peek(C, d.inode, b"f")
+    assert attr == meta.lookup(C, d.inode, b"f") and attr.size == 5000
+    assert slices == meta.read_chunk(f.inode, 0) and len(slices or []) == 2
+    mkfile(meta, d.inode, b"empty")
+    assert meta.lookup_peek(C, d.inode, b"empty")[1] == []
+    meta.mkdir(C, d.inode, b"sub", 0o755)
+    meta.symlink(C, d.inode, b"link", b"f")
+    for name in (b"sub", b"link", b".", b".."):  # not regular files: no slice list
+        attr, slices = meta.lookup_peek(C, d.inode, name)
+        assert attr == meta.lookup(C, d.inode, name) and slices is None
+    # the errors of lookup
+    with fs_error(errno.ENOENT):
+        meta.lookup_peek(C, d.inode, b"nope")
+    with fs_error(errno.ENOTDIR):
+        meta.lookup_peek(C, f.inode, b"x")
+    with fs_error(errno.ENOENT):
+        meta.lookup_peek(C, 999_999, b"x")
+    with fs_error(errno.ENAMETOOLONG):
+        meta.lookup_peek(C, d.inode, b"x" * 256)
+    meta.setattr(C, d.inode, mode=0o700)
+    with fs_error(errno.EACCES):  # search permission on the directory, as lookup
+        meta.lookup_peek(Ctx(uid=1000, gid=1000), d.inode, b"f")
+
+
 def test_open_checks(meta: Meta) -> None:
     f = mkfile(meta, ROOT, b"f")
     assert meta.open(C, f.inode, os.O_RDONLY) == f

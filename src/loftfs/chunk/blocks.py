@@ -54,6 +54,12 @@ class CachedBlockStore(ObjectStoreWrapper):
             self.disk.put(key, data)
         return data
 
+    def prewarm(self, key: str) -> bool:
+        """Start reading a block of the disk cache into memory (``DiskCache.prewarm``); False
+        when the disk cache does not hold it."""
+        length = block_length(key)
+        return self.disk is not None and length > 0 and self.disk.prewarm(key, length)
+
     def get_cached_range(self, key: str, offset: int, size: int) -> bytes | None:
         """``size`` bytes at ``offset`` of a block from the disk cache only; None on a miss."""
         length = block_length(key)

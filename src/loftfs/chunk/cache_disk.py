@@ -171,10 +171,11 @@ class CorruptBlock(Exception):
     """A cache file that does not hold what its name promises (internal: becomes a miss)."""
 
 
-def _read_head(fd: int, key: bytes, length: int, segment_size: int) -> Head:
-    """Read and verify the header of an open cache file of ``key`` holding ``length`` bytes."""
-    want = file_size(len(key), length, segment_size) - length
-    buf = os.pread(fd, want, 0)
+def _read_head(fd: int, key: bytes, length: int, segment_size: int, buf: bytes = b"") -> Head:
+    """Read and verify the header of an open cache file of ``key`` holding ``length`` bytes.
+    ``buf``: the start of the file, already read (what it holds is not read again)."""
+    if not buf:
+        buf = os.pread(fd, file_size(len(key), length, segment_size) - length, 0)
     if len(buf) < HEAD_SIZE:
         raise CorruptBlock(f"short header ({len(buf)} bytes)")
     magic, version, key_len, seg, data_len = _FIXED.unpack_from(buf)
@@ -213,14 +214,23 @@ def read_block(
     Returns (data, file size). ``CorruptBlock`` on any mismatch. ``head``: the header as
     ``read_head`` returned it earlier for this file (saves a read; the data is still checked
     against its segment checksums)."""
+    whole = off == 0 and end == length
+    span: bytes | None = None
+    if head is None and whole:
+        # the whole file in one read (one wait for the disk when it is not in the page cache)
+        size = file_size(len(key), length, segment_size)
+        buf = os.pread(fd, size + 1, 0)
+        head = _read_head(fd, key, length, segment_size, buf[: size - length])
+        if head[2] == size - length:  # else written with another segment size: read again
+            span = buf[head[2] :]
     seg, crcs, data_off, seg_sum = (
         head if head is not None else _read_head(fd, key, length, segment_size)
     )
-    whole = off == 0 and end == length
     first = off // seg
     last = -(-end // seg) if end > off else first
     span_start, span_end = first * seg, min(last * seg, length)
-    span = os.pread(fd, span_end - span_start + (1 if whole else 0), data_off + span_start)
+    if span is None:
+        span = os.pread(fd, span_end - span_start + (1 if whole else 0), data_off + span_start)
     if len(span) != span_end - span_start:
         raise CorruptBlock(
             "trailing bytes after the data" if len(span) > span_end - span_start else "truncated"
@@ -486,6 +496,34 @@ class DiskCache:
         off = min(off, length)
         return self._read(key, length, off, min(off + n, length))
 
+    def prewarm(self, key: str, length: int) -> bool:
+        """Start reading a cached block's file into the page cache without waiting for the
+        disk (``posix_fadvise(WILLNEED)``), so that a read of it soon after finds it in
+        memory. False when the block is not cached here (or reads of its directory fail)."""
+        h = key_hash(key)
+        area = self._area(h)
+        with self._lock:
+            if key in area.pending:  # not written yet: a read takes it from memory
+                return True
+            if (
+                self._closed
+                or not 0 < length <= _SIZE_MASK
+                or (area.scanned and h not in area.index)
+                or area.read_disabled_until > time.monotonic()
+            ):
+                return False
+        try:
+            kept = self._open_kept(area, h, os.path.join(area.raw, rel_path(h)))
+        except OSError:
+            return False
+        try:
+            os.posix_fadvise(kept.fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            return False
+        finally:
+            self._release_kept(kept)
+        return True
+
     def contains(self, key: str) -> bool:
         h = key_hash(key)
         area = self._area(h)
@@ -669,6 +707,10 @@ class DiskCache:
             if not 0 <= length <= _SIZE_MASK:  # no such block is ever cached
                 self.misses += 1
                 return None
+            pending = area.pending.get(key)
+            if pending is not None and len(pending) == length:  # not written yet: from memory
+                self.hits += 1
+                return pending if off == 0 and end == length else pending[off:end]
             staged = key in area.staged
             v = area.index.get(h)
             if (

@@ -164,6 +164,14 @@ class DataPath:
         ``slices``. ``FSError(EIO)`` when a block is missing or damaged."""
         return self.reader.read_slices(slices, size)
 
+    def preload(self, slices: list[Slice], size: int) -> None:
+        """Start bringing the first ``size`` bytes (within chunk 0) of a file with ``slices``
+        into memory, without waiting (``Reader.preload``): a read expected soon finds them."""
+        try:
+            self.reader.preload(slices, size)
+        except Exception:  # a hint: never the reason a lookup fails
+            log.warning("preloading failed", exc_info=True)
+
     def invalidate(self, inode: int) -> None:
         """Forget cached slice lists of ``inode`` (open, truncate, changes by other clients)."""
         self.slices.invalidate(inode)
@@ -310,6 +318,7 @@ class DataPath:
             "buffer", lambda: {"used_bytes": budget.used, "total_bytes": budget.total}
         )
         metrics.register_source("source", self.external.figures)
+        metrics.register_source("preload", self.reader.preload_figures)
         if self.disk is not None:
             metrics.register_source("disk_cache", self.disk.stats)
         if self.writeback is not None:

@@ -95,6 +95,13 @@ class Meta(ABC):
         Needs search (x) permission on ``parent``."""
 
     @abstractmethod
+    def lookup_peek(self, ctx: Ctx, parent: int, name: bytes) -> tuple[Attr, list[Slice] | None]:
+        """``lookup``, with the slice list of the child's chunk 0 when the child is a regular
+        file (None otherwise), read in the same transaction. A hint to warm the block caches
+        before the open that usually follows: nothing may be answered from it (the open
+        reads the file again)."""
+
+    @abstractmethod
     def getattr(self, inode: int) -> Attr: ...
 
     @abstractmethod

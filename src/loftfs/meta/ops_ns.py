@@ -42,24 +42,30 @@ class NamespaceOps(MetaCore):
     # --- lookup and attributes ----------------------------------------------------------------
 
     def lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
-        if len(name) > MAX_NAME:
-            raise FSError(errno.ENAMETOOLONG)
+        return self._read(lambda tx: self._lookup_in(tx, ctx, parent, name))
 
-        def fn(tx: Txn) -> Attr:
-            pattr = self._get_dir(tx, parent)
-            perm.check(ctx, pattr, X_OK)
-            if name == b".":
-                return pattr
-            if name == b"..":
-                if parent == ROOT_INODE or not pattr.parent:
-                    return pattr
-                return self._get(tx, pattr.parent)
-            entry = tx.get_entry(parent, name)
-            if entry is None:
-                raise FSError(errno.ENOENT)
-            return self._get(tx, entry[0])
+    def lookup_peek(self, ctx: Ctx, parent: int, name: bytes) -> tuple[Attr, list[Slice] | None]:
+        def fn(tx: Txn) -> tuple[Attr, list[Slice] | None]:
+            attr = self._lookup_in(tx, ctx, parent, name)
+            return attr, tx.get_chunk(attr.inode, 0) if attr.type == FileType.FILE else None
 
         return self._read(fn)
+
+    def _lookup_in(self, tx: Txn, ctx: Ctx, parent: int, name: bytes) -> Attr:
+        if len(name) > MAX_NAME:
+            raise FSError(errno.ENAMETOOLONG)
+        pattr = self._get_dir(tx, parent)
+        perm.check(ctx, pattr, X_OK)
+        if name == b".":
+            return pattr
+        if name == b"..":
+            if parent == ROOT_INODE or not pattr.parent:
+                return pattr
+            return self._get(tx, pattr.parent)
+        entry = tx.get_entry(parent, name)
+        if entry is None:
+            raise FSError(errno.ENOENT)
+        return self._get(tx, entry[0])
 
     def getattr(self, inode: int) -> Attr:
         return self._read(lambda tx: self._get(tx, inode))

@@ -557,12 +557,25 @@ class RedisMeta(BaseMeta):
     def lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
         """``lookup`` in one round trip (a Lua script reads the parent, the entry and the
         child atomically) instead of two; ``.`` and ``..`` take the general path."""
-        if len(name) > MAX_NAME:
-            raise FSError(errno.ENAMETOOLONG)
         if name in (b".", b".."):
             return super().lookup(ctx, parent, name)
+        return self._lookup(ctx, parent, name, False)[0]
+
+    def lookup_peek(self, ctx: Ctx, parent: int, name: bytes) -> tuple[Attr, list[Slice] | None]:
+        """The same round trip as ``lookup``, the script also reading a file's chunk 0."""
+        if name in (b".", b".."):
+            return super().lookup_peek(ctx, parent, name)
+        return self._lookup(ctx, parent, name, True)
+
+    def _lookup(
+        self, ctx: Ctx, parent: int, name: bytes, chunk0: bool
+    ) -> tuple[Attr, list[Slice] | None]:
+        if len(name) > MAX_NAME:
+            raise FSError(errno.ENAMETOOLONG)
         k = self.keys
         keys, args = [k.attr(parent), k.dir(parent)], [name, k.head + "i"]
+        if chunk0:
+            args.append(k.head + "c")
 
         def fn(tx: RedisTxn) -> list[bytes]:
             reply: list[bytes] = tx.link.eval_ro(LUA_LOOKUP, keys, args)
@@ -578,7 +591,8 @@ class RedisMeta(BaseMeta):
         if len(reply) < 3:
             raise FSError(errno.ENOENT)
         inode, _ = unpack_entry(reply[1])
-        return unpack_attr(inode, reply[2])
+        attr = unpack_attr(inode, reply[2])
+        return attr, unpack_slices(reply[3]) if len(reply) > 3 else None
 
     def _drop_open_record(self, sid: int, inode: int) -> None:
         k = self.keys

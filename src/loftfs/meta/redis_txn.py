@@ -163,8 +163,9 @@ return {v, redis.call('GET', ARGV[2] .. string.sub(v, 2))}
 
 
 # A lookup in one round trip: the parent's attributes, the entry and the child's attributes.
-# KEYS: P:i<parent>, P:d<parent>. ARGV: name, head of attribute keys (P:i). Returns {} when
-# the parent is missing, {parent} when the name is.
+# KEYS: P:i<parent>, P:d<parent>. ARGV: name, head of attribute keys (P:i), and optionally the
+# head of chunk keys (P:c): then a regular file's chunk 0 comes fourth ('' when it has none).
+# Returns {} when the parent is missing, {parent} when the name is.
 LUA_LOOKUP = """
 local p = redis.call('GET', KEYS[1])
 if not p then return {} end
@@ -172,6 +173,9 @@ local v = redis.call('HGET', KEYS[2], ARGV[1])
 if not v then return {p} end
 local a = redis.call('GET', ARGV[2] .. string.sub(v, 2))
 if not a then return {p, v} end
+if ARGV[3] and string.sub(v, 1, 1) == '1' then
+  return {p, v, a, redis.call('GET', ARGV[3] .. string.sub(v, 2) .. '_0') or ''}
+end
 return {p, v, a}
 """
 

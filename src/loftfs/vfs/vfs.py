@@ -43,6 +43,7 @@ from loftfs.meta.types import (
 from loftfs.vfs.lazy import LazyDirs
 from loftfs.vfs.metacache import MetaCache
 from loftfs.vfs.options import MountOptions
+from loftfs.vfs.predict import OpenPredictor
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class VFS:
         self.lazy = LazyDirs(meta, data.external.sources)
         # names and attributes answered from memory for the rest of their kernel validity
         self.cache = MetaCache(opts.attr_timeout, opts.entry_timeout, opts.dir_entry_timeout)
+        # whether lookups of small files are followed by their opens (warming at lookup)
+        self._opens = OpenPredictor()
         self._fh = itertools.count(1)
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
@@ -188,19 +191,35 @@ class VFS:
         """``lookup`` for the kernel, which may be answered from ``self.cache``: (attributes,
         their age in seconds, to be taken off the timeouts the kernel is given)."""
         cache = self.cache
-        if not cache.enabled:
-            return self.lookup(ctx, parent, name), 0.0
-        hit = cache.entry(parent, name)
-        if hit is not None and hit[0].inode not in self._inodes:
-            attr, age, pattr = hit
-            perm.check(ctx, pattr, X_OK)  # as the engine's lookup does
-            return self._with_dirty(attr), age
+        if cache.enabled:
+            hit = cache.entry(parent, name)
+            if hit is not None and hit[0].inode not in self._inodes:
+                attr, age, pattr = hit
+                perm.check(ctx, pattr, X_OK)  # as the engine's lookup does
+                return self._with_dirty(attr), age
         gen, read_at = cache.generation(), time.monotonic()
         self._listed(parent)
-        attr = self.meta.lookup(ctx, parent, name)
-        if attr.inode not in self._inodes:
+        attr = self._engine_lookup(ctx, parent, name)
+        if cache.enabled and attr.inode not in self._inodes:
             cache.put(attr, gen, read_at, parent, name)
         return self._with_dirty(attr), 0.0
+
+    def _engine_lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
+        """The engine's lookup. While opens follow lookups (``OpenPredictor``), the engine
+        also returns a file's slice list in the same round trip, and the blocks of a small
+        file start on their way into memory (``DataPath.preload``), to arrive during the
+        round trips between this lookup and the open's read. The slice list serves nothing
+        else: the open reads the file afresh."""
+        slices = None
+        if self._opens.likely():
+            attr, slices = self.meta.lookup_peek(ctx, parent, name)
+        else:
+            attr = self.meta.lookup(ctx, parent, name)
+        if attr.type == FileType.FILE and 0 < attr.size <= LIGHT_FILE_MAX:
+            self._opens.looked_up(attr.inode)
+            if slices and attr.inode not in self._inodes:
+                self.data.preload(slices, attr.size)
+        return attr
 
     def getattr_aged(self, inode: int) -> tuple[Attr, float]:
         """``getattr`` for the kernel, which may be answered from ``self.cache``: (attributes,
@@ -461,6 +480,7 @@ class VFS:
         read-only may be opened light (see ``LIGHT_FILE_MAX``)."""
         if flags & O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self._check_writable()
+        self._opens.opened(inode)
         with self._open_lock(inode):
             with self._lock:
                 while inode in self._releasing:  # its record is being dropped right now
