@@ -165,8 +165,9 @@ class DataPath:
         return self.reader.read_slices(slices, size)
 
     def preload(self, slices: list[Slice], size: int) -> None:
-        """Start bringing the first ``size`` bytes (within chunk 0) of a file with ``slices``
-        into memory, without waiting (``Reader.preload``): a read expected soon finds them."""
+        """Start reading the first ``size`` bytes (within chunk 0) of a file with ``slices``
+        from the disk cache into memory, without waiting (``Reader.preload``): a read
+        expected soon finds them there."""
         try:
             self.reader.preload(slices, size)
         except Exception:  # a hint: never the reason a lookup fails
@@ -318,7 +319,8 @@ class DataPath:
             "buffer", lambda: {"used_bytes": budget.used, "total_bytes": budget.total}
         )
         metrics.register_source("source", self.external.figures)
-        metrics.register_source("preload", self.reader.preload_figures)
+        reader = self.reader
+        metrics.register_source("preload", lambda: {"blocks_total": reader.preloaded})
         if self.disk is not None:
             metrics.register_source("disk_cache", self.disk.stats)
         if self.writeback is not None:

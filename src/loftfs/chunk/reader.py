@@ -248,8 +248,7 @@ class Reader:
         self.readahead_blocks = readahead_blocks
         self._ahead_lock = threading.Lock()
         self._ahead: set[str] = set()  # blocks queued for readahead
-        self.preloaded_from_disk = 0  # blocks ``preload`` read ahead from the disk cache
-        self.preloaded_from_store = 0  # ... and fetched from the object store
+        self.preloaded = 0  # blocks ``preload`` started reading from the disk cache
 
     # slice lists
 
@@ -426,29 +425,19 @@ class Reader:
         return self.assemble(self._slice_pieces(slices, start, end), cache=False)
 
     def preload(self, slices: list[Slice], size: int) -> None:
-        """Get the blocks of the first ``size`` bytes of a chunk with ``slices`` on their way
-        into memory before they are read: a block of the disk cache is read into the page
-        cache in the background (one cheap call), any other is fetched by a readahead thread
-        (the read that comes joins that fetch). Best effort: errors are only logged."""
+        """Start reading the blocks of the first ``size`` bytes of a chunk with ``slices``
+        from the disk cache into the page cache, without waiting (``DiskCache.prewarm``): the
+        read that follows soon finds them in memory. Blocks not in the disk cache are left
+        alone (fetching them ahead on a readahead thread measured no faster: the hand-off
+        costs what the overlap saves). Best effort: a bad slice list is only logged."""
         try:
             pieces = self._slice_pieces(slices, 0, size)
         except FSError as e:
             log.debug("preloading skipped: %s", e)
             return
         for p in pieces:
-            if not p.key or self.fetcher.busy(p.key):
-                continue
-            if self.fetcher.prewarm(p.key):
-                self.preloaded_from_disk += 1
-            elif self._queue_ahead(p.key, p.length):
-                self.preloaded_from_store += 1
-
-    def preload_figures(self) -> dict[str, int]:
-        """For the metrics (``loftfs_preload_*``)."""
-        return {
-            "disk_blocks_total": self.preloaded_from_disk,
-            "fetched_blocks_total": self.preloaded_from_store,
-        }
+            if p.key and not self.fetcher.busy(p.key) and self.fetcher.prewarm(p.key):
+                self.preloaded += 1
 
     # readahead
 
@@ -465,23 +454,18 @@ class Reader:
             log.debug("readahead of inode %d [%d, %d) skipped: %s", inode, start, end, e)
             return
         for p in pieces:
-            if p.key and not self.fetcher.busy(p.key):
-                self._queue_ahead(p.key, p.length)
-
-    def _queue_ahead(self, key: str, length: int) -> bool:
-        """Fetch a block on a readahead thread; False when it was queued already or the
-        pool is shutting down."""
-        with self._ahead_lock:
-            if key in self._ahead:
-                return False
-            self._ahead.add(key)
-        try:
-            self.ahead_pool.submit(self._fetch_ahead, key, length)
-        except RuntimeError:
+            if not p.key or self.fetcher.busy(p.key):
+                continue
             with self._ahead_lock:
-                self._ahead.discard(key)
-            return False
-        return True
+                if p.key in self._ahead:
+                    continue
+                self._ahead.add(p.key)
+            try:
+                self.ahead_pool.submit(self._fetch_ahead, p.key, p.length)
+            except RuntimeError:
+                with self._ahead_lock:
+                    self._ahead.discard(p.key)
+                return
 
     def _fetch_ahead(self, key: str, length: int) -> None:
         try:

@@ -205,11 +205,13 @@ class VFS:
         return self._with_dirty(attr), 0.0
 
     def _engine_lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
-        """The engine's lookup. While opens follow lookups (``OpenPredictor``), the engine
-        also returns a file's slice list in the same round trip, and the blocks of a small
-        file start on their way into memory (``DataPath.preload``), to arrive during the
-        round trips between this lookup and the open's read. The slice list serves nothing
-        else: the open reads the file afresh."""
+        """The engine's lookup. With a disk cache, while opens follow lookups
+        (``OpenPredictor``), the engine also returns a file's slice list in the same round
+        trip, and the blocks of a small file start on their way from the disk into memory
+        (``DataPath.preload``), to arrive during the round trips between this lookup and the
+        open's read. The slice list serves nothing else: the open reads the file afresh."""
+        if self.data.disk is None:  # nothing to preload from
+            return self.meta.lookup(ctx, parent, name)
         slices = None
         if self._opens.likely():
             attr, slices = self.meta.lookup_peek(ctx, parent, name)
