@@ -404,15 +404,7 @@ def test_lookup_peek_is_lookup_with_chunk_0(meta: Meta) -> None:
     for name in (b"sub", b"link", b".", b".."):  # not regular files: no slice list
         attr, slices = meta.lookup_peek(C, d.inode, name)
         assert attr == meta.lookup(C, d.inode, name) and slices is None
-    # the errors of lookup
-    with fs_error(errno.ENOENT):
-        meta.lookup_peek(C, d.inode, b"nope")
-    with fs_error(errno.ENOTDIR):
-        meta.lookup_peek(C, f.inode, b"x")
-    with fs_error(errno.ENOENT):
-        meta.lookup_peek(C, 999_999, b"x")
-    with fs_error(errno.ENAMETOOLONG):
-        meta.lookup_peek(C, d.inode, b"x" * 256)
+    # the errors of lookup: test_meta_namespace.py::test_lookup, and
     meta.setattr(C, d.inode, mode=0o700)
     with fs_error(errno.EACCES):  # search permission on the directory, as lookup
         meta.lookup_peek(Ctx(uid=1000, gid=1000), d.inode, b"f")

@@ -10,25 +10,29 @@ import pytest
 from meta_helpers import ROOT, RW, fs_error, mkfile, names
 
 from loftfs.meta import Meta
-from loftfs.meta.types import NOW, ROOT_CTX, FileType
+from loftfs.meta.types import NOW, ROOT_CTX, Attr, Ctx, FileType
 
 C = ROOT_CTX
 
 
-def test_lookup(meta: Meta) -> None:
+@pytest.mark.parametrize("peek", [False, True], ids=["lookup", "lookup_peek"])
+def test_lookup(meta: Meta, peek: bool) -> None:
+    def lookup(ctx: Ctx, parent: int, name: bytes) -> Attr:
+        return meta.lookup_peek(ctx, parent, name)[0] if peek else meta.lookup(ctx, parent, name)
+
     d = meta.mkdir(C, ROOT, b"d", 0o755)
     f = mkfile(meta, d.inode, b"f")
-    assert meta.lookup(C, d.inode, b"f") == f
-    assert meta.lookup(C, d.inode, b".").inode == d.inode
-    assert meta.lookup(C, d.inode, b"..").inode == ROOT
+    assert lookup(C, d.inode, b"f") == f
+    assert lookup(C, d.inode, b".").inode == d.inode
+    assert lookup(C, d.inode, b"..").inode == ROOT
     with fs_error(errno.ENOENT):
-        meta.lookup(C, d.inode, b"nope")
+        lookup(C, d.inode, b"nope")
     with fs_error(errno.ENOTDIR):
-        meta.lookup(C, f.inode, b"x")
+        lookup(C, f.inode, b"x")
     with fs_error(errno.ENOENT):
-        meta.lookup(C, 999_999, b"x")
+        lookup(C, 999_999, b"x")
     with fs_error(errno.ENAMETOOLONG):
-        meta.lookup(C, d.inode, b"x" * 256)
+        lookup(C, d.inode, b"x" * 256)
     with fs_error(errno.ENOENT):
         meta.getattr(999_999)
 
