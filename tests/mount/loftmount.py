@@ -221,6 +221,15 @@ def make_volume(root: Path, *, name: str = "testvol", block_size: int = MIB, **o
     return volume
 
 
+def _fd_target(link: str) -> str:
+    """What an open descriptor of another process names; "" when it was closed meanwhile (a
+    daemon opening and closing files as it starts must not be skipped for it)."""
+    try:
+        return os.readlink(link)
+    except OSError:
+        return ""
+
+
 def fuse_daemon_pids(mountpoint: Path) -> list[int]:
     """Processes that hold ``/dev/fuse`` open and name ``mountpoint`` on their command line."""
     target = str(mountpoint).encode()
@@ -233,7 +242,7 @@ def fuse_daemon_pids(mountpoint: Path) -> list[int]:
             if not any(target in arg.split(b" ") for arg in argv):  # some rewrite argv as one
                 continue
             fds = os.listdir(f"/proc/{entry}/fd")
-            if any(os.readlink(f"/proc/{entry}/fd/{fd}") == "/dev/fuse" for fd in fds):
+            if any(_fd_target(f"/proc/{entry}/fd/{fd}") == "/dev/fuse" for fd in fds):
                 found.append(int(entry))
         except OSError:
             continue

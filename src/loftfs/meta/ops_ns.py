@@ -46,10 +46,15 @@ class NamespaceOps(MetaCore):
 
     def lookup_peek(self, ctx: Ctx, parent: int, name: bytes) -> tuple[Attr, list[Slice] | None]:
         def fn(tx: Txn) -> tuple[Attr, list[Slice] | None]:
+            self._with_chunk0(tx)
             attr = self._lookup_in(tx, ctx, parent, name)
             return attr, tx.get_chunk(attr.inode, 0) if attr.type == FileType.FILE else None
 
         return self._read(fn)
+
+    def _with_chunk0(self, tx: Txn) -> None:
+        """Called before a ``lookup_peek`` reads the entry: an engine may read the chunk 0
+        of the inode it names in the same query (``SQLMeta``)."""
 
     def _lookup_in(self, tx: Txn, ctx: Ctx, parent: int, name: bytes) -> Attr:
         if len(name) > MAX_NAME:

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from loftfs.errors import MetaUnavailable, NotFormatted
 from loftfs.meta.base import BaseMeta
 from loftfs.meta.txn import SETTING_VOLUME, FlockRec, NewFile, PlockRange, SessionRec, Txn
-from loftfs.meta.types import Attr, Ctx, DirEntry, EntryList, ExtObject, FileType, Slice
+from loftfs.meta.types import Attr, DirEntry, EntryList, ExtObject, FileType, Slice
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -633,22 +633,16 @@ class SQLTxn:
 class SQLMeta(BaseMeta):
     """A ``BaseMeta`` over a SQL database; dialect modules add connections and error rules."""
 
-    def lookup_peek(self, ctx: Ctx, parent: int, name: bytes) -> tuple[Attr, list[Slice] | None]:
-        """As the engine core's, with chunk 0 read in the entry's query (no extra one)."""
-
-        def fn(tx: Txn) -> tuple[Attr, list[Slice] | None]:
-            if isinstance(tx, SQLTxn):
-                tx.chunk0 = {}
-            attr = self._lookup_in(tx, ctx, parent, name)
-            return attr, tx.get_chunk(attr.inode, 0) if attr.type == FileType.FILE else None
-
-        return self._read(fn)
-
     dialect: SQLDialect
     #: give up on a busy/conflicting database after this long (MetaUnavailable)
     RETRY_DEADLINE_S = 60.0
     #: ``_add_later_tables`` ran (it is tried once per engine object)
     _later_added = False
+
+    def _with_chunk0(self, tx: Txn) -> None:
+        """A ``lookup_peek``: the entry's query reads chunk 0 too (no query of its own)."""
+        if isinstance(tx, SQLTxn):
+            tx.chunk0 = {}
 
     # --- dialect hooks ------------------------------------------------------------------------
     # ``_conn`` and ``_begin`` serve the default runner below; an engine that replaces ``_run``
