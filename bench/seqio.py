@@ -29,6 +29,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO / "tests") not in sys.path:
+    sys.path.append(str(REPO / "tests"))  # tests/servers.py: finding a mount's daemon
+from servers import fuse_daemon_pids  # noqa: E402
+
 MIB = 1 << 20
 VENV_BIN = Path(sys.executable).parent
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -198,34 +203,6 @@ def run(cmd: list[str], what: str, timeout: float = 60) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         raise BenchError(f"{what} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-
-
-def _fd_target(link: str) -> str:
-    """What an open descriptor of another process names; "" when it was closed meanwhile (a
-    daemon opening and closing files as it starts must not be skipped for it)."""
-    try:
-        return os.readlink(link)
-    except OSError:
-        return ""
-
-
-def fuse_daemon_pids(mnt: Path) -> list[int]:
-    """Processes that hold ``/dev/fuse`` open and name ``mnt`` on their command line."""
-    found = []
-    target = str(mnt).encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            if not any(target in arg.split(b" ") for arg in argv):  # some rewrite argv as one
-                continue
-            fds = os.listdir(f"/proc/{entry}/fd")
-            if any(_fd_target(f"/proc/{entry}/fd/{fd}") == "/dev/fuse" for fd in fds):
-                found.append(int(entry))
-        except OSError:
-            continue
-    return found
 
 
 def force_unmount(mnt: Path) -> None:

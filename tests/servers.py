@@ -491,3 +491,31 @@ class SeaweedServer(Server):
         """Environment variables giving the admin's (or the read-only) credentials."""
         key, secret = S3_READER if reader else S3_ADMIN
         return {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+
+
+def _fd_target(link: str) -> str:
+    """What an open descriptor of another process names; "" when it was closed meanwhile (a
+    daemon opening and closing files as it starts must not be skipped for it)."""
+    try:
+        return os.readlink(link)
+    except OSError:
+        return ""
+
+
+def fuse_daemon_pids(mnt: Path) -> list[int]:
+    """Processes that hold ``/dev/fuse`` open and name ``mnt`` on their command line."""
+    found = []
+    target = str(mnt).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            if not any(target in arg.split(b" ") for arg in argv):  # some rewrite argv as one
+                continue
+            fds = os.listdir(f"/proc/{entry}/fd")
+            if any(_fd_target(f"/proc/{entry}/fd/{fd}") == "/dev/fuse" for fd in fds):
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found

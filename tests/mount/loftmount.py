@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from servers import fuse_daemon_pids
+
 LOFT = [sys.executable, "-m", "loftfs.cli.main"]
 MIB = 1 << 20
 MOUNT_TIMEOUT_S = 60
@@ -219,34 +221,6 @@ def make_volume(root: Path, *, name: str = "testvol", block_size: int = MIB, **o
         flags += [f"--{key.replace('_', '-')}", value]
     loft("format", volume.meta_url, name, *volume.storage_flags(), *flags)
     return volume
-
-
-def _fd_target(link: str) -> str:
-    """What an open descriptor of another process names; "" when it was closed meanwhile (a
-    daemon opening and closing files as it starts must not be skipped for it)."""
-    try:
-        return os.readlink(link)
-    except OSError:
-        return ""
-
-
-def fuse_daemon_pids(mountpoint: Path) -> list[int]:
-    """Processes that hold ``/dev/fuse`` open and name ``mountpoint`` on their command line."""
-    target = str(mountpoint).encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            if not any(target in arg.split(b" ") for arg in argv):  # some rewrite argv as one
-                continue
-            fds = os.listdir(f"/proc/{entry}/fd")
-            if any(_fd_target(f"/proc/{entry}/fd/{fd}") == "/dev/fuse" for fd in fds):
-                found.append(int(entry))
-        except OSError:
-            continue
-    return found
 
 
 def pid_alive(pid: int) -> bool:
