@@ -1,5 +1,6 @@
 """Warming a small file's blocks at its lookup (``VFS._engine_lookup``, ``DataPath.preload``)
-through real mounts: reading many small files preloads them, a stat-only pass stops doing it
+through real mounts: reading many small files preloads them (with a remote engine: the
+``redis+s3`` and ``postgres+s3`` stacks; never with SQLite), a stat-only pass stops doing it
 soon, and a change made between a lookup and the open always shows."""
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def test_reading_small_files_preloads_them_and_stats_stop_it(
     before = preloaded(m)
     read_all(d, FILES)
     after_read = preloaded(m)
+    if volume.stack.meta_kind == "sqlite":  # no round trip to hide the disk read behind
+        assert after_read == before == 0
+        return
     assert after_read - before >= FILES - 2  # each file's block (all from the disk cache)
 
     drop_kernel_caches()
@@ -84,7 +88,7 @@ def test_a_change_between_lookup_and_open_shows(
         drop_kernel_caches()
         before = preloaded(a)
         assert os.stat(a.path / "f0").st_size == SIZE  # the lookup preloads the old block
-        assert preloaded(a) == before + 1
+        assert preloaded(a) == before + (volume.stack.meta_kind != "sqlite")
         new = b"new content %d" % round_
         (b.path / "f0").write_bytes(new)
         assert (a.path / "f0").read_bytes() == new

@@ -33,6 +33,9 @@ class Meta(ABC):
     """A volume's namespace. Obtain one with ``loftfs.meta.open_meta(url)``."""
 
     url: str
+    #: calls cross a network to a server (a round trip worth overlapping work with); False for
+    #: the embedded SQLite engine
+    remote: bool = True
 
     # --- volume -------------------------------------------------------------------------------
 

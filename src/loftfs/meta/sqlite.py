@@ -54,6 +54,7 @@ class SQLiteMeta(SQLMeta):
     """The embedded default engine (one database file per volume)."""
 
     dialect = SQLiteDialect()
+    remote = False
 
     def __init__(self, url: str) -> None:
         super().__init__(url)

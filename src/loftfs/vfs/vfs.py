@@ -118,6 +118,9 @@ class VFS:
         self.cache = MetaCache(opts.attr_timeout, opts.entry_timeout, opts.dir_entry_timeout)
         # whether lookups of small files are followed by their opens (warming at lookup)
         self._opens = OpenPredictor()
+        # Preloading needs a disk cache to read ahead from, and an engine whose round trips
+        # are long enough to hide that read behind (with SQLite it only cost time).
+        self._preload = data.disk is not None and meta.remote
         self._fh = itertools.count(1)
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
@@ -205,12 +208,12 @@ class VFS:
         return self._with_dirty(attr), 0.0
 
     def _engine_lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
-        """The engine's lookup. With a disk cache, while opens follow lookups
+        """The engine's lookup. With a disk cache and a remote engine, while opens follow lookups
         (``OpenPredictor``), the engine also returns a file's slice list in the same round
         trip, and the blocks of a small file start on their way from the disk into memory
         (``DataPath.preload``), to arrive during the round trips between this lookup and the
         open's read. The slice list serves nothing else: the open reads the file afresh."""
-        if self.data.disk is None:  # nothing to preload from
+        if not self._preload:
             return self.meta.lookup(ctx, parent, name)
         slices = None
         if self._opens.likely():
