@@ -305,22 +305,25 @@ class SQLTxn:
 
     def get_entry(self, parent: int, name: bytes) -> tuple[int, FileType] | None:
         if self.prefetched is not None:
-            chunk0 = self.chunk0 is not None
+            chunk0 = self.chunk0
+            col, join = (
+                (", c.slices", " LEFT JOIN loft_chunk c ON c.inode = e.inode AND c.idx = 0")
+                if chunk0 is not None
+                else ("", "")
+            )
             row = self._one(
-                f"SELECT e.inode, e.type, {_JOINED_NODE_COLS}"
-                + (", c.slices" if chunk0 else "")
-                + " FROM loft_edge e LEFT JOIN loft_node n ON n.inode = e.inode"
-                + (" LEFT JOIN loft_chunk c ON c.inode = e.inode AND c.idx = 0" if chunk0 else "")
-                + " WHERE e.parent = ? AND e.name = ?",
+                f"SELECT e.inode, e.type, {_JOINED_NODE_COLS}{col} FROM loft_edge e "
+                f"LEFT JOIN loft_node n ON n.inode = e.inode{join} "
+                "WHERE e.parent = ? AND e.name = ?",
                 (parent, name),
             )
             if row is None:
                 return None
             if row[2] is not None:
                 self.prefetched[int(row[0])] = _attr(row[2 : 2 + _NODE_N])
-            if self.chunk0 is not None:
+            if chunk0 is not None:
                 packed = row[2 + _NODE_N]
-                self.chunk0[int(row[0])] = [] if packed is None else unpack_slices(packed)
+                chunk0[int(row[0])] = [] if packed is None else unpack_slices(packed)
             return int(row[0]), FileType(row[1])
         row = self._one(
             "SELECT inode, type FROM loft_edge WHERE parent = ? AND name = ?", (parent, name)

@@ -485,7 +485,8 @@ class VFS:
         read-only may be opened light (see ``LIGHT_FILE_MAX``)."""
         if flags & O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self._check_writable()
-        self._opens.opened(inode)
+        if self._preload:
+            self._opens.opened(inode)
         with self._open_lock(inode):
             with self._lock:
                 while inode in self._releasing:  # its record is being dropped right now
