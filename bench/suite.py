@@ -20,8 +20,12 @@ Every step runs on one file system at a time, the order alternating from step to
 backend to backend), so that load elsewhere on the machine hits both alike. Each step starts
 after a ``sync``: data the other file system left dirty in the page cache (a store that does
 not fsync its objects leaves a whole 1 GiB write there) is written out before, not during,
-the next step's measurement. The peak RSS
-(``VmHWM``) of each mount daemon is read just before each unmount.
+the next step's measurement, and once the machine is quiet (``wait_quiet``: the object store
+and the previous mount delete the last step's objects and blocks for a while after it).
+``jfsbench`` and ``smallfiles``, short and the noisiest, run ``--rounds`` times (default 3),
+alternating too: the table shows each metric's median and the notes the ratio of each round.
+The peak RSS (``VmHWM``) of each mount daemon is read just before each unmount (the table:
+the highest of the rounds).
 
 Run as root: ``.venv/bin/python bench/suite.py [--backend all] [--quick] [--markdown]``.
 Mounts, servers and ``--workdir`` are removed at the end, on errors and on Ctrl-C or SIGTERM.
@@ -81,10 +85,12 @@ IO_SIZE = 4096  # random reads
 SMALL_FILE = 4096  # smallfiles
 BIG_NAME = "big.bin"
 HIGHER, LOWER = "higher", "lower"
+QUIET_SHARE = 0.15  # of all CPUs busy: below it the machine counts as quiet (wait_quiet)
+QUIET_LIMIT_S = 60.0
 RSS = "peak RSS of the mount (VmHWM)"
-# (full, --quick): file MiB, small files, random reads, juicefs bench small files
-FULL = {"size_mib": 1024, "files": 10_000, "reads": 5_000, "jfs_small": 1000}
-QUICK = {"size_mib": 64, "files": 500, "reads": 500, "jfs_small": 20}
+# (full, --quick): file MiB, small files, random reads, juicefs bench small files, rounds
+FULL = {"size_mib": 1024, "files": 10_000, "reads": 5_000, "jfs_small": 1000, "rounds": 3}
+QUICK = {"size_mib": 64, "files": 500, "reads": 500, "jfs_small": 20, "rounds": 1}
 JFS_BENCH_ROWS = {  # juicefs bench's ITEM column -> our metric
     "Write big file": "big file write MiB/s",
     "Read big file": "big file read MiB/s",
@@ -103,6 +109,7 @@ class Plan:
     reads: int
     cache_mib: int
     jfs_small: int
+    rounds: int  # of the juicefs bench and small-file sessions (medians shown)
     workloads: frozenset[str]
     loft_cache: bool  # loftfs takes --cache-dir/--cache-size (else: it runs without one)
     base: bytes  # the big file's content: this MiB, each MiB stamped with its index
@@ -246,16 +253,30 @@ def placements(backend: str, workdir: Path) -> Iterator[dict[str, Placement]]:
 
 @dataclass
 class Row:
+    """One metric of one workload: a value per round and file system. Shown: the median over
+    the rounds (the highest for a peak RSS)."""
+
     workload: str
     metric: str
     better: str
-    values: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def value(self, fs: str) -> float | None:
+        got = self.samples.get(fs)
+        if not got:
+            return None
+        return max(got) if self.workload == RSS else statistics.median(got)
 
     def ratio(self) -> float | None:
-        loft, jfs = self.values.get("loftfs"), self.values.get("juicefs")
+        loft, jfs = self.value("loftfs"), self.value("juicefs")
         if loft is None or not jfs:
             return None
         return loft / jfs
+
+    def round_ratios(self) -> list[float]:
+        """loftfs / JuiceFS of each round both finished (rounds run in pairs)."""
+        loft, jfs = self.samples.get("loftfs", []), self.samples.get("juicefs", [])
+        return [a / b for a, b in zip(loft, jfs, strict=False) if b]
 
 
 @dataclass
@@ -265,12 +286,13 @@ class Report:
     backend: str
     rows: dict[tuple[str, str], Row] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)  # seconds waited for quiet, per step
     failed: dict[str, str] = field(default_factory=dict)  # file system -> why it stopped
     error: str | None = None  # why the backend stopped
 
     def put(self, workload: str, metric: str, better: str, fs: str, value: float) -> None:
         row = self.rows.setdefault((workload, metric), Row(workload, metric, better))
-        row.values[fs] = value
+        row.samples.setdefault(fs, []).append(value)
 
     def rss(self, fs: str, mount: str, pid: int) -> None:
         self.put(RSS, f"MiB, {mount} mount", LOWER, fs, peak_rss_mib(pid))
@@ -278,6 +300,31 @@ class Report:
 
 def progress(text: str) -> None:
     print(f"[{datetime.now():%H:%M:%S}] {text}", file=sys.stderr, flush=True)
+
+
+def busy_share(window: float) -> float:
+    """The share of all CPUs' time spent other than idle over the next ``window`` seconds
+    (waiting for I/O counts as busy: a disk still writing is not quiet)."""
+
+    def sample() -> tuple[int, int]:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(ticks), ticks[3]  # user nice system idle iowait irq softirq steal
+
+    total0, idle0 = sample()
+    time.sleep(window)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_quiet(limit: float = QUIET_LIMIT_S) -> float:
+    """Wait until the machine is quiet (less than ``QUIET_SHARE`` of its CPU time busy over a
+    second), for at most ``limit`` seconds; the seconds waited. An object store deletes the
+    objects of the previous step's files, and a mount daemon its blocks, for a while after
+    they are gone: a step that started meanwhile would share the machine with that work."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit and busy_share(1.0) >= QUIET_SHARE:
+        pass
+    return time.monotonic() - start
 
 
 def settle_cache(fs: _Configured, timeout: float = 30.0) -> float:
@@ -499,10 +546,12 @@ def sessions(plan: Plan) -> list[tuple[str, Session]]:
     out: list[tuple[str, Session]] = []
     if plan.workloads & {"seq", "random"}:
         out += [("seq write", session_write), ("reads", session_read)]
-    if "jfsbench" in plan.workloads:
-        out.append(("juicefs bench", session_jfs_bench))
-    if "smallfiles" in plan.workloads:
-        out.append(("small files", session_small_files))
+    for k in range(plan.rounds):
+        tag = f" ({k + 1}/{plan.rounds})" if plan.rounds > 1 else ""
+        if "jfsbench" in plan.workloads:
+            out.append((f"juicefs bench{tag}", session_jfs_bench))
+        if "smallfiles" in plan.workloads:
+            out.append((f"small files{tag}", session_small_files))
     return out
 
 
@@ -539,8 +588,9 @@ def run_backend(backend: str, index: int, plan: Plan, base: Path) -> Report:
                 for fs in fss if (k + index) % 2 == 0 else fss[::-1]:
                     if fs.name in report.failed:
                         continue
-                    progress(f"{backend}: {title}: {fs.name}")
                     os.sync()
+                    report.waits.append(wait_quiet())
+                    progress(f"{backend}: {title}: {fs.name}")
                     try:
                         step(fs, plan, report)
                     except errors as e:
@@ -586,13 +636,31 @@ def table_cells(report: Report) -> list[tuple[str, ...]]:
             (
                 row.workload,
                 row.metric,
-                fmt(row.values.get("loftfs")),
-                fmt(row.values.get("juicefs")),
+                fmt(row.value("loftfs")),
+                fmt(row.value("juicefs")),
                 "-" if ratio is None else f"{ratio:.2f}",
                 row.better,
             )
         )
     return cells
+
+
+def extra_notes(report: Report) -> list[str]:
+    """Per-round ratios of the metrics measured more than once, and the waits for quiet."""
+    out = []
+    for row in report.rows.values():
+        ratios = row.round_ratios()
+        if len(ratios) > 1 and row.workload != RSS:
+            shown = ", ".join(f"{r:.2f}" for r in ratios)
+            out.append(f"{row.workload}, {row.metric}: loftfs/JuiceFS by round {shown}")
+    if report.waits:
+        hit = sum(w >= QUIET_LIMIT_S for w in report.waits)
+        out.append(
+            f"before each step the run waited for the machine to go quiet (< {QUIET_SHARE:.0%}"
+            f" of its CPU time busy over a second): {sum(report.waits):.0f} s in all, at most"
+            f" {max(report.waits):.0f} s; gave up after {QUIET_LIMIT_S:.0f} s {hit} times"
+        )
+    return out
 
 
 def problems(report: Report) -> list[str]:
@@ -610,7 +678,7 @@ def render_plain(report: Report) -> str:
         left = [f"{c:<{w}}" for c, w in zip(r[:2], widths[:2], strict=True)]
         right = [f"{c:>{w}}" for c, w in zip(r[2:5], widths[2:5], strict=True)]
         lines.append("  ".join([*left, *right, r[5]]).rstrip())
-    lines += [f"   {n}" for n in [*report.notes, *problems(report)]]
+    lines += [f"   {n}" for n in [*report.notes, *extra_notes(report), *problems(report)]]
     return "\n".join(lines)
 
 
@@ -619,7 +687,7 @@ def render_markdown(report: Report) -> str:
     lines.append("| " + " | ".join(HEADER) + " |")
     lines.append("| --- | --- | ---: | ---: | ---: | --- |")
     lines += ["| " + " | ".join(r) + " |" for r in table_cells(report)]
-    notes = [*report.notes, *problems(report)]
+    notes = [*report.notes, *extra_notes(report), *problems(report)]
     if notes:
         lines.append("")
         lines += [f"- {n}" for n in notes]
@@ -649,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="disk cache size of both file systems (default: twice --size-mib)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="runs of the juicefs bench and small-file workloads, medians shown (default 3;"
+        " --quick: 1)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--only", help=f"comma-separated workloads: {','.join(WORKLOADS)}")
     parser.add_argument("--markdown", action="store_true", help="also print markdown tables")
@@ -668,7 +742,8 @@ def main(argv: list[str] | None = None) -> int:
     cache_mib = args.cache_size_mib or 2 * size_mib
     files = args.files or sizes["files"]
     reads = args.reads or sizes["reads"]
-    if min(size_mib, cache_mib, files, reads) < 1 or reads < 2:
+    rounds = args.rounds or sizes["rounds"]
+    if min(size_mib, cache_mib, files, reads, rounds) < 1 or reads < 2:
         parser.error("sizes and counts must be positive (at least 2 random reads)")
     if os.geteuid() != 0:
         parser.error("run as root (mounting and dropping the page cache need it)")
@@ -684,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         reads=reads,
         cache_mib=cache_mib,
         jfs_small=sizes["jfs_small"],
+        rounds=rounds,
         workloads=workloads,
         loft_cache=loft_cache,
         base=os.urandom(MIB),
@@ -701,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {socket.gethostname()}, {os.cpu_count()} CPUs, {platform.machine()},"
         f" load average {load[0]:.2f} at start",
         f"settings: {size_mib} MiB file, {files} small files, {reads} random reads,"
-        f" disk cache {cache_mib} MiB each, {BLOCK_SIZE // MIB} MiB blocks, workloads"
+        f" disk cache {cache_mib} MiB each, {BLOCK_SIZE // MIB} MiB blocks, {rounds} rounds of"
+        " juicefs bench and small files, workloads"
         f" {','.join(w for w in WORKLOADS if w in workloads)}",
     ]
     if not loft_cache:

@@ -221,6 +221,24 @@ class ForgetData(Structure):
     _fields_ = [("ino", fuse_ino_t), ("nlookup", c_uint64)]
 
 
+class FuseBuf(Structure):
+    """``struct fuse_buf``: one buffer in memory (``flags`` 0) for ``FuseBufVec``."""
+
+    _fields_ = [
+        ("size", c_size_t),
+        ("flags", c_int),
+        ("mem", c_void_p),
+        ("fd", c_int),
+        ("pos", off_t),
+    ]
+
+
+class FuseBufVec(Structure):
+    """``struct fuse_bufvec`` with a single buffer (``fuse_lowlevel_notify_store``)."""
+
+    _fields_ = [("count", c_size_t), ("idx", c_size_t), ("off", c_size_t), ("buf", FuseBuf * 1)]
+
+
 class FuseArgs(Structure):
     _fields_ = [("argc", c_int), ("argv", POINTER(c_char_p)), ("allocated", c_int)]
 
@@ -350,6 +368,10 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "fuse_session_destroy": (None, [c_void_p]),
     "fuse_opt_free_args": (None, [POINTER(FuseArgs)]),
     "fuse_lowlevel_notify_inval_inode": (c_int, [c_void_p, fuse_ino_t, off_t, off_t]),
+    "fuse_lowlevel_notify_store": (
+        c_int,
+        [c_void_p, fuse_ino_t, off_t, POINTER(FuseBufVec), c_int],
+    ),
     "fuse_version": (c_int, []),
 }
 
@@ -468,6 +490,7 @@ class FuseLib:
     fuse_session_destroy: Any
     fuse_opt_free_args: Any
     fuse_lowlevel_notify_inval_inode: Any
+    fuse_lowlevel_notify_store: Any
 
 
 _LIB: FuseLib | None = None

@@ -295,6 +295,7 @@ class LowLevelOperations:
         self._ahead_lock = threading.Lock()
         self.session: int | None = None  # the fuse_session, set once it exists
         self.table = self._build_table()
+        vfs.kernel_store = self._store
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -464,6 +465,21 @@ class LowLevelOperations:
         if se is not None:
             self.lib.fuse_lowlevel_notify_inval_inode(se, attr.inode, -1, 0)
         self._remember_reported(attr)
+
+    def _store(self, inode: int, data: bytes) -> bool:
+        """Put ``data`` into the kernel's page cache of ``inode`` from offset 0
+        (``VFS.kernel_store``); True when the kernel took all of it. The kernel copies the
+        bytes before this returns."""
+        se = self.session
+        if se is None:
+            return False
+        vec = abi.FuseBufVec(count=1)
+        vec.buf[0].size = len(data)
+        vec.buf[0].mem = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p)
+        rc = self.lib.fuse_lowlevel_notify_store(se, inode, 0, ctypes.byref(vec), 0)
+        if rc != 0:
+            log.debug("inode %d: storing %d bytes in the kernel's cache: %s", inode, len(data), rc)
+        return rc == 0
 
     def _ok(self, req: int) -> None:
         self.lib.fuse_reply_err(req, 0)

@@ -138,6 +138,11 @@ class VFS:
         self._releasing: set[int] = set()  # in a batch being committed now
         self._light: dict[int, set[int]] = {}  # inode -> its light handles (no open record)
         self._light_bytes = 0  # held by their snapshots
+        # Set by a FUSE binding that can fill the kernel's page cache of an inode: called with
+        # a light open's content under the inode's open lock, before the open's reply; True
+        # when the kernel took all of it (the open then keeps the kernel's cache, and the reads
+        # that follow never reach this process). See ``_light_open``.
+        self.kernel_store: Callable[[int, bytes], bool] | None = None
         self._released = threading.Condition(self._lock)
         self._linger_wake = threading.Event()
         self._linger_stop = threading.Event()
@@ -551,6 +556,14 @@ class VFS:
             self._files[fh] = FileHandle(inode, flags, snapshot=data, attr=attr)
             self._light.setdefault(inode, set()).add(fh)
         keep = self._remember(inode, attr) and attr.size > 0
+        # Hand the snapshot to the kernel's page cache now, so that the READ that follows this
+        # open is answered there: one request less per small file. Under the open lock, so that
+        # no open for writing (nor a truncate, which promotes the light handles under it) can
+        # come between the snapshot and the store; the stored bytes are this open's content,
+        # so the kernel may keep them.
+        store = self.kernel_store
+        if data and store is not None and store(inode, data):
+            keep = True
         return fh, keep, attr
 
     def _promote(self, inode: int) -> None:
