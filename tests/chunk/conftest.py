@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ class CountingStore(ObjectStoreWrapper):
         super().__init__(inner)
         self.gets: list[str] = []
         self.puts: list[str] = []
+        self.deletes: list[int] = []  # keys per delete_many call
 
     def get(self, key: str, offset: int = 0, limit: int = -1) -> bytes:
         self.gets.append(key)
@@ -38,6 +39,11 @@ class CountingStore(ObjectStoreWrapper):
     def put(self, key: str, data: bytes) -> None:
         self.puts.append(key)
         self.inner.put(key, data)
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        self.deletes.append(len(keys))
+        self.inner.delete_many(keys)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loftfs.chunk.datapath import DataPath
+from loftfs.chunk.layout import block_keys
 from loftfs.errors import FSError
 from loftfs.meta import open_meta
 from loftfs.meta.types import (
@@ -618,6 +619,47 @@ def test_gc_keeps_slices_whose_deletion_failed(volume: Volume, dp: DataPath) -> 
     assert failing.collect_garbage() == 0
     assert len(volume.meta.deleted_slices()) == 1
     assert dp.collect_garbage() == 1
+    assert not volume.block_files()
+
+
+def test_gc_deletes_the_blocks_of_many_slices_in_few_requests(volume: Volume, dp: DataPath) -> None:
+    """One ``delete_many`` (one S3 ``DeleteObjects`` request) for the blocks of many slices."""
+    inodes = [volume.new_file() for _ in range(40)]
+    for k, inode in enumerate(inodes):
+        dp.writer(inode).write(0, pattern(k, 3 * BLOCK if k == 0 else 1000))
+        dp.flush(inode)
+    assert len(volume.block_files()) == 42
+    for inode in inodes:
+        volume.meta.truncate(ROOT_CTX, inode, 0)
+    counting = CountingStore(volume.files)
+    assert volume.data_path(store=counting).collect_garbage() == 40
+    assert counting.deletes == [42]
+    assert not volume.block_files()
+    assert volume.meta.deleted_slices() == []
+
+
+def test_gc_forgets_only_the_slices_whose_blocks_are_gone(volume: Volume, dp: DataPath) -> None:
+    """When a grouped deletion fails, slices are retried one by one: those whose deletion
+    failed stay queued, and no slice leaves the queue with a block left behind."""
+    inodes = [volume.new_file() for _ in range(30)]
+    for k, inode in enumerate(inodes):
+        dp.writer(inode).write(0, pattern(k, 2 * BLOCK))
+        dp.flush(inode)
+    for inode in inodes:
+        volume.meta.truncate(ROOT_CTX, inode, 0)
+    queued = dict(volume.meta.deleted_slices())
+    assert len(queued) == 30
+    flaky = FaultInjectingStore(volume.files, error_rate=0.2, seed=5, ops={"delete"})
+    collected = volume.data_path(store=flaky).collect_garbage()
+    left = dict(volume.meta.deleted_slices())
+    assert 0 < collected < 30 and len(left) == 30 - collected
+    uuid = volume.settings.uuid
+    remaining = volume.block_files()
+    for slice_id, size in queued.items():
+        if slice_id not in left:  # forgotten: every block of it is gone
+            assert not remaining & set(block_keys(uuid, slice_id, size, BLOCK))
+    assert remaining <= {k for i, n in left.items() for k in block_keys(uuid, i, n, BLOCK)}
+    assert dp.collect_garbage() == len(left)
     assert not volume.block_files()
 
 

@@ -13,6 +13,8 @@ from loftfs.object.interface import ObjectStore
 
 log = logging.getLogger(__name__)
 
+GROUP_KEYS = 1000  # block keys deleted in one delete_many call (one S3 DeleteObjects request)
+
 
 @dataclass
 class GCStats:
@@ -62,20 +64,21 @@ class BlockGC:
             done: list[int] = []
             # external slices have no blocks of ours: forgetting them drops their records
             external = self.meta.get_ext([i for i, _ in batch])
+            group: list[tuple[int, int, list[str]]] = []  # (slice, size, its block keys)
+            keys = 0
             for slice_id, size in batch:
                 if slice_id in external:
                     done.append(slice_id)
                     continue
-                keys = block_keys(self.uuid, slice_id, size, self.block_size)
-                try:
-                    self.store.delete_many(keys)
-                except Exception as e:
-                    log.warning("gc: could not delete blocks of slice %d: %s", slice_id, e)
-                    failed.add(slice_id)
-                    continue
-                done.append(slice_id)
-                stats.blocks += len(keys)
-                stats.bytes += size
+                group.append(
+                    (slice_id, size, block_keys(self.uuid, slice_id, size, self.block_size))
+                )
+                keys += len(group[-1][2])
+                if keys >= GROUP_KEYS:
+                    self._delete_group(group, done, failed, stats)
+                    group, keys = [], 0
+            if group:
+                self._delete_group(group, done, failed, stats)
             if done:
                 self.meta.forget_deleted_slices(done)
                 stats.slices += len(done)
@@ -86,6 +89,35 @@ class BlockGC:
         if stats.slices:
             log.debug("gc: deleted the blocks of %d slices", stats.slices)
         return stats
+
+    def _delete_group(
+        self,
+        group: list[tuple[int, int, list[str]]],
+        done: list[int],
+        failed: set[int],
+        stats: GCStats,
+    ) -> None:
+        """Delete the blocks of the slices in ``group`` with one ``delete_many`` (a single
+        ``DeleteObjects`` request on S3 for up to 1000 keys: deleting 10,000 small files costs
+        10 requests, not 10,000). When it fails, slice by slice, so that only the slices whose
+        blocks could not all be deleted stay queued."""
+        try:
+            self.store.delete_many([key for _, _, keys in group for key in keys])
+            deleted = group
+        except Exception:
+            deleted = []
+            for slice_id, size, keys in group:
+                try:
+                    self.store.delete_many(keys)
+                except Exception as e:
+                    log.warning("gc: could not delete blocks of slice %d: %s", slice_id, e)
+                    failed.add(slice_id)
+                    continue
+                deleted.append((slice_id, size, keys))
+        for slice_id, size, keys in deleted:
+            done.append(slice_id)
+            stats.blocks += len(keys)
+            stats.bytes += size
 
     def _purge_trash(self) -> None:
         """Expired trash releases its slices into the deletion queue first."""
