@@ -4,6 +4,9 @@ works again without a remount, and everything fsynced before the failure is inta
 
 Each test starts servers of its own (``*_factory`` fixtures) so it can kill them; the engines'
 retry budget is shortened through their URL so a test takes seconds, not the default 30 s.
+The server fixtures come before ``mounter`` in each test's arguments: pytest tears fixtures
+down in reverse, so the mounts go while their servers still run (an unmount with its engine
+gone waits out the retries of every pending call: over a minute).
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def _scenario(mounter: Mounter, volume: Volume, server: Any) -> None:
 
 
 def test_redis_dies_during_writes(
-    tmp_path: Path, mounter: Mounter, redis_factory: Any, seaweed_server: Any
+    tmp_path: Path, redis_factory: Any, seaweed_server: Any, mounter: Mounter
 ) -> None:
     redis = redis_factory()
     volume = _volume(tmp_path, Stack("redis+s3", redis=redis, seaweed=seaweed_server))
@@ -122,7 +125,7 @@ def test_redis_dies_during_writes(
 
 
 def test_postgres_dies_during_writes(
-    tmp_path: Path, mounter: Mounter, postgres_factory: Any, seaweed_server: Any
+    tmp_path: Path, postgres_factory: Any, seaweed_server: Any, mounter: Mounter
 ) -> None:
     pg = postgres_factory()
     stack = Stack("postgres+s3", postgres=pg, pg_db=pg.new_database(), seaweed=seaweed_server)
@@ -130,7 +133,7 @@ def test_postgres_dies_during_writes(
 
 
 def test_object_store_dies_during_writes(
-    tmp_path: Path, mounter: Mounter, redis_server: Any, seaweed_factory: Any
+    tmp_path: Path, redis_server: Any, seaweed_factory: Any, mounter: Mounter
 ) -> None:
     seaweed = seaweed_factory()
     volume = _volume(tmp_path, Stack("redis+s3", redis=redis_server, seaweed=seaweed))
