@@ -295,7 +295,6 @@ class LowLevelOperations:
         self._ahead_lock = threading.Lock()
         self.session: int | None = None  # the fuse_session, set once it exists
         self.table = self._build_table()
-        vfs.kernel_store = self._store
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -466,10 +465,10 @@ class LowLevelOperations:
             self.lib.fuse_lowlevel_notify_inval_inode(se, attr.inode, -1, 0)
         self._remember_reported(attr)
 
-    def _store(self, inode: int, data: bytes) -> bool:
+    def store_in_kernel(self, inode: int, data: bytes) -> bool:
         """Put ``data`` into the kernel's page cache of ``inode`` from offset 0
-        (``VFS.kernel_store``); True when the kernel took all of it. The kernel copies the
-        bytes before this returns."""
+        (``VFS.kernel_store`` while the session exists); True when the kernel took all of it.
+        The kernel copies the bytes before this returns."""
         se = self.session
         if se is None:
             return False

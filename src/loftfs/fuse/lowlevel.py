@@ -121,6 +121,7 @@ class LowLevelSession:
         finally:
             with self._state:
                 self._se = None
+            self.ops.vfs.kernel_store = None
             self.ops.session = None
             self.lib.fuse_session_destroy(se)
             if self._loop_done.is_set() or not self._loop_started:
@@ -164,6 +165,7 @@ class LowLevelSession:
         with self._state:
             self._se = se
         self.ops.session = se
+        self.ops.vfs.kernel_store = self.ops.store_in_kernel
         return int(se)
 
     def _run(self, on_ready: Callable[[], None] | None) -> None:
