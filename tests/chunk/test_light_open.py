@@ -135,3 +135,25 @@ def test_a_lock_promotes_the_handle_and_is_released_with_it(volume: Volume, fs: 
     fs.release(fh)
     fs.release_lingering()  # the lock goes with the open record
     volume.meta.flock(ROOT_CTX, inode, 2, fcntl.F_WRLCK, False)
+
+
+def test_the_last_close_never_lets_the_cache_answer_an_older_size(fs: VFS) -> None:
+    """While the last handle of a written file closes, a lookup (the kernel's, for the next
+    open) must not be answered with the attributes the open read: the kernel would take that
+    older size, and an O_APPEND write after it would land over the data just written."""
+    inode = make_file(fs, b"log", b"line 0\n")
+    fs.lookup_aged(ROOT_CTX, ROOT_INODE, b"log")
+    fh, _, _ = fs.open(ROOT_CTX, inode, os.O_WRONLY | os.O_APPEND)  # caches the size it read
+    fs.write(fh, 7, b"line 1\n")
+    assert fs.flush(fh) is not None  # committed: 14 bytes
+    seen: list[int] = []
+    real_flush = fs.data.flush
+
+    def flush_during_release(ino: int) -> None:  # runs after the handle stopped counting
+        seen.append(fs.lookup_aged(ROOT_CTX, ROOT_INODE, b"log")[0].size)
+        real_flush(ino)
+
+    fs.data.flush = flush_during_release  # type: ignore[method-assign]
+    fs.release(fh)
+    fs.data.flush = real_flush  # type: ignore[method-assign]
+    assert seen == [14]

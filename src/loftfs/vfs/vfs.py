@@ -722,6 +722,12 @@ class VFS:
                     if st is not None:
                         st.opens -= 1
                     if last:
+                        if st is None or st.changed:
+                            # Before the inode stops counting as open: from then on a lookup
+                            # or getattr may be answered from the cache, which still holds the
+                            # attributes the open read (an older size: an O_APPEND write after
+                            # the kernel took it would land there, over this handle's data).
+                            self.cache.forget(inode)
                         self._inodes.pop(inode, None)
                 if last:
                     try:
