@@ -65,18 +65,17 @@ class BlockGC:
             # external slices have no blocks of ours: forgetting them drops their records
             external = self.meta.get_ext([i for i, _ in batch])
             group: list[tuple[int, int, list[str]]] = []  # (slice, size, its block keys)
-            keys = 0
+            grouped = 0  # block keys in the group
             for slice_id, size in batch:
                 if slice_id in external:
                     done.append(slice_id)
                     continue
-                group.append(
-                    (slice_id, size, block_keys(self.uuid, slice_id, size, self.block_size))
-                )
-                keys += len(group[-1][2])
-                if keys >= GROUP_KEYS:
+                keys = block_keys(self.uuid, slice_id, size, self.block_size)
+                group.append((slice_id, size, keys))
+                grouped += len(keys)
+                if grouped >= GROUP_KEYS:
                     self._delete_group(group, done, failed, stats)
-                    group, keys = [], 0
+                    group, grouped = [], 0
             if group:
                 self._delete_group(group, done, failed, stats)
             if done:
