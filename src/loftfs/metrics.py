@@ -216,6 +216,10 @@ class Metrics:
     def uptime_s(self) -> float:
         return time.monotonic() - self._started_mono
 
+    def requests_served(self) -> int:
+        """FUSE requests recorded so far, of every type (the mount's foreground activity)."""
+        return sum(stats.count for stats in list(self._ops.values()))
+
     def ops(self) -> Iterator[tuple[str, LatencyStats]]:
         with self._lock:
             items = list(self._ops.items())

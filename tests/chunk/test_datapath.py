@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loftfs.chunk.datapath import DataPath
+from loftfs.chunk.gc import BlockGC
 from loftfs.chunk.layout import block_keys
 from loftfs.errors import FSError
 from loftfs.meta import open_meta
@@ -660,6 +661,99 @@ def test_gc_forgets_only_the_slices_whose_blocks_are_gone(volume: Volume, dp: Da
             assert not remaining & set(block_keys(uuid, slice_id, size, BLOCK))
     assert remaining <= {k for i, n in left.items() for k in block_keys(uuid, i, n, BLOCK)}
     assert dp.collect_garbage() == len(left)
+    assert not volume.block_files()
+
+
+class Traffic:
+    """A mount's FUSE request count: ``rate`` requests a second while ``busy``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.busy = True
+        self._start = time.monotonic()
+        self._count = 0.0
+
+    def __call__(self) -> int:
+        now = time.monotonic()
+        if self.busy:
+            self._count += self.rate * (now - self._start)
+        self._start = now
+        return int(self._count)
+
+
+def queue_small_files(volume: Volume, dp: DataPath, n: int) -> None:
+    """``n`` one-block files written, then truncated: ``n`` slices queued for deletion."""
+    inodes = [volume.new_file() for _ in range(n)]
+    for k, inode in enumerate(inodes):
+        dp.writer(inode).write(0, pattern(k, 1000))
+        dp.flush(inode)
+    for inode in inodes:
+        volume.meta.truncate(ROOT_CTX, inode, 0)
+
+
+def paced_gc(volume: Volume, store: CountingStore, traffic: Traffic) -> BlockGC:
+    gc = BlockGC(volume.meta, store, volume.settings.uuid, BLOCK, 0, activity=traffic)
+    gc.probe_s, gc.max_yield_s = 0.02, 0.3
+    return gc
+
+
+def test_background_gc_yields_to_a_busy_mount(
+    volume: Volume, dp: DataPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the mount serves many requests a background round waits for a quiet moment, at
+    most ``max_yield_s`` per group, then deletes a small group: slower, never stalled."""
+    monkeypatch.setattr("loftfs.chunk.gc.GROUP_KEYS", 20)
+    monkeypatch.setattr("loftfs.chunk.gc.BUSY_GROUP_KEYS", 4)
+    queue_small_files(volume, dp, 12)
+    store = CountingStore(volume.files)
+    gc = paced_gc(volume, store, Traffic(rate=5000))
+    start = time.monotonic()
+    assert gc.collect(paced=True).slices == 12
+    assert store.deletes == [4, 4, 4]
+    assert time.monotonic() - start >= 3 * gc.max_yield_s
+    assert gc.busy_groups == 3 and gc.yielded_s >= 3 * gc.max_yield_s
+    assert not volume.block_files() and volume.meta.deleted_slices() == []
+
+
+def test_background_gc_runs_full_groups_on_a_quiet_mount(
+    volume: Volume, dp: DataPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("loftfs.chunk.gc.GROUP_KEYS", 20)
+    queue_small_files(volume, dp, 12)
+    store = CountingStore(volume.files)
+    gc = paced_gc(volume, store, Traffic(rate=50))  # below busy_ops_per_s
+    assert gc.collect(paced=True).slices == 12
+    assert store.deletes == [12] and gc.busy_groups == 0
+    assert not volume.block_files()
+
+
+def test_background_gc_goes_ahead_as_soon_as_the_mount_quiets(volume: Volume, dp: DataPath) -> None:
+    queue_small_files(volume, dp, 5)
+    store = CountingStore(volume.files)
+    traffic = Traffic(rate=5000)
+    gc = paced_gc(volume, store, traffic)
+    gc.max_yield_s = 30.0
+    threading.Timer(0.3, lambda: setattr(traffic, "busy", False)).start()
+    start = time.monotonic()
+    assert gc.collect(paced=True).slices == 5
+    assert 0.25 <= time.monotonic() - start < 10
+    assert store.deletes == [5] and gc.busy_groups == 0
+
+
+def test_loft_gc_and_stop_do_not_wait_for_traffic(volume: Volume, dp: DataPath) -> None:
+    """Unmounting (``stop``) while a background round waits ends it at once, its slices left
+    queued; ``loft gc`` (unpaced) ignores the traffic."""
+    queue_small_files(volume, dp, 3)
+    store = CountingStore(volume.files)
+    gc = paced_gc(volume, store, Traffic(rate=5000))
+    gc.interval_s, gc.max_yield_s = 0.01, 60.0
+    gc.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    gc.stop()
+    assert time.monotonic() - start < 5
+    assert store.deletes == [] and len(volume.meta.deleted_slices()) == 3
+    assert gc.collect().slices == 3 and store.deletes == [3]
     assert not volume.block_files()
 
 

@@ -1,6 +1,7 @@
 """The disk cache and write-back through real mounts: a damaged cache file is never returned, a
 full cache disk only costs speed, a write-back mount killed mid-way loses nothing (the next
-mount uploads what it staged), and unmount waits for the uploads."""
+mount uploads what it staged), and unmount waits for the uploads; the block gc of deleted
+files waits while the mount is busy."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -165,6 +167,37 @@ def test_writeback_deleted_file_is_never_uploaded(
         assert wait_until(lambda: not cache_files(cache, uuid, "staging"), 20), m.log_tail()
     m.umount()
     assert not volume.block_files()
+
+
+def test_block_gc_yields_to_a_busy_mount(mounter: Mounter, volume: Volume) -> None:
+    """Deleted files' blocks wait while the mount is busy serving requests, and go as soon as
+    it is quiet; ``loft stats`` shows how long the gc waited."""
+    m = mounter.mount(volume, "--gc-interval", "0.5")
+    for i in range(20):
+        (m.path / f"f{i}").write_bytes(os.urandom(5000))
+    (m.path / "hot").write_bytes(b"x")
+    assert len(volume.block_files()) == 21
+    stop = threading.Event()
+
+    def traffic() -> None:  # open and close: three requests each reach the mount
+        while not stop.is_set():
+            os.close(os.open(m.path / "hot", os.O_RDONLY))
+
+    busy = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in busy:
+        t.start()
+    try:
+        for i in range(20):
+            os.unlink(m.path / f"f{i}")
+        time.sleep(3)  # six gc intervals, within the 5 s a group waits at most
+        assert len(volume.block_files()) == 21, m.log_tail()
+    finally:
+        stop.set()
+        for t in busy:
+            t.join()
+    assert wait_until(lambda: len(volume.block_files()) == 1, 20), m.log_tail()
+    gc = json.loads(loft("stats", str(m.path), "--json").stdout)["sources"]["gc"]
+    assert gc["yielded_seconds_total"] >= 2 and gc["deleted_slices_total"] == 20, gc
 
 
 def test_cache_reused_after_remount(mounter: Mounter, volume: Volume, tmp_path: Path) -> None:

@@ -325,6 +325,8 @@ class DataPath:
             metrics.register_source("disk_cache", self.disk.stats)
         if self.writeback is not None:
             metrics.register_source("writeback", self.writeback.stats)
+        metrics.register_source("gc", self.gc.figures)
+        self.gc.activity = metrics.requests_served  # background gc yields to FUSE traffic
 
     def sync(self) -> None:
         """Make every block uploaded so far durable in the object store (``fsync()``)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from loftfs.chunk.layout import block_keys
@@ -14,6 +16,15 @@ from loftfs.object.interface import ObjectStore
 log = logging.getLogger(__name__)
 
 GROUP_KEYS = 1000  # block keys deleted in one delete_many call (one S3 DeleteObjects request)
+
+# Pacing of the background rounds (not of ``loft gc``): before each group the mount's request
+# rate is probed; above BUSY_OPS_PER_S the group waits, up to MAX_YIELD_S, for a quieter moment,
+# then goes ahead with at most BUSY_GROUP_KEYS keys. A busy mount still deletes (about 20 keys
+# a second), a quiet one at full speed.
+BUSY_OPS_PER_S = 200  # FUSE requests per second above which the mount counts as busy
+PROBE_S = 0.25
+MAX_YIELD_S = 5.0
+BUSY_GROUP_KEYS = 100
 
 
 @dataclass
@@ -26,7 +37,12 @@ class GCStats:
 
 class BlockGC:
     """``run_once`` collects everything queued now; ``start`` repeats it every ``interval_s``
-    seconds in a daemon thread until ``stop``."""
+    seconds in a daemon thread until ``stop``.
+
+    ``activity`` (the mount's count of FUSE requests served so far) lets the background rounds
+    yield to foreground traffic: deleting objects costs the object store and the metadata
+    engine work that would otherwise land in the middle of a training job's reads.
+    """
 
     def __init__(
         self,
@@ -36,6 +52,7 @@ class BlockGC:
         block_size: int,
         interval_s: float,
         batch: int = 1000,
+        activity: Callable[[], int] | None = None,
     ) -> None:
         self.meta = meta
         self.store = store
@@ -46,14 +63,21 @@ class BlockGC:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.deleted_slices = 0
+        self.activity = activity
+        self.busy_ops_per_s = BUSY_OPS_PER_S
+        self.probe_s = PROBE_S
+        self.max_yield_s = MAX_YIELD_S
+        self.yielded_s = 0.0  # seconds background rounds waited for a quieter moment
+        self.busy_groups = 0  # groups deleted (small) while the mount stayed busy
 
     def run_once(self) -> int:
         """Delete the blocks of every slice queued for deletion; returns how many slices were
         collected. A slice whose blocks could not all be deleted stays queued for next time."""
         return self.collect().slices
 
-    def collect(self) -> GCStats:
-        """``run_once`` with the full counts (for ``loft gc``)."""
+    def collect(self, paced: bool = False) -> GCStats:
+        """``run_once`` with the full counts (for ``loft gc``). ``paced``: yield to foreground
+        traffic before each group (``_pace``; the background rounds)."""
         self._purge_trash()
         stats = GCStats()
         failed: set[int] = set()
@@ -66,17 +90,22 @@ class BlockGC:
             external = self.meta.get_ext([i for i, _ in batch])
             group: list[tuple[int, int, list[str]]] = []  # (slice, size, its block keys)
             grouped = 0  # block keys in the group
+            limit = 0  # of the group being built; 0: not decided yet
             for slice_id, size in batch:
                 if slice_id in external:
                     done.append(slice_id)
                     continue
+                if not limit:
+                    limit = self._pace() if paced else GROUP_KEYS
+                    if not limit:
+                        break  # stopping
                 keys = block_keys(self.uuid, slice_id, size, self.block_size)
                 group.append((slice_id, size, keys))
                 grouped += len(keys)
-                if grouped >= GROUP_KEYS:
+                if grouped >= limit:
                     self._delete_group(group, done, failed, stats)
-                    group, grouped = [], 0
-            if group:
+                    group, grouped, limit = [], 0, 0
+            if group and not self._stop.is_set():
                 self._delete_group(group, done, failed, stats)
             if done:
                 self.meta.forget_deleted_slices(done)
@@ -88,6 +117,35 @@ class BlockGC:
         if stats.slices:
             log.debug("gc: deleted the blocks of %d slices", stats.slices)
         return stats
+
+    def _pace(self) -> int:
+        """The size limit of the next group of a background round, after waiting while the
+        mount serves more than ``busy_ops_per_s`` requests a second, at most ``max_yield_s``:
+        ``GROUP_KEYS`` once it is quiet, ``BUSY_GROUP_KEYS`` when it stayed busy (a short
+        request now rather than none), 0 when the GC is stopping."""
+        if self.activity is None:
+            return GROUP_KEYS
+        begin = time.monotonic()
+        while True:
+            start, before = time.monotonic(), self.activity()
+            if self._stop.wait(self.probe_s):
+                return 0
+            now = time.monotonic()
+            if self.activity() - before <= self.busy_ops_per_s * (now - start):
+                self.yielded_s += start - begin
+                return GROUP_KEYS
+            if now - begin >= self.max_yield_s:
+                self.yielded_s += now - begin
+                self.busy_groups += 1
+                return BUSY_GROUP_KEYS
+
+    def figures(self) -> dict[str, int | float]:
+        """For ``loft stats`` and Prometheus."""
+        return {
+            "deleted_slices_total": self.deleted_slices,
+            "yielded_seconds_total": round(self.yielded_s, 3),
+            "busy_groups_total": self.busy_groups,
+        }
 
     def _delete_group(
         self,
@@ -135,7 +193,7 @@ class BlockGC:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
-                self.run_once()
+                self.collect(paced=True)
             except Exception as e:
                 log.warning("gc round failed: %s", e)
 
