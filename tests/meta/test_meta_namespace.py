@@ -268,6 +268,32 @@ def test_readdir(meta: Meta) -> None:
         meta.readdir(C, entries[0].attr.inode)
 
 
+def test_readdir_small(meta: Meta) -> None:
+    """The whole listing of a directory within the limit; None past it; read permission
+    needed either way."""
+    d = meta.mkdir(C, ROOT, b"d", 0o755)
+    attr, empty = meta.readdir_small(C, d.inode, 0)
+    assert empty is not None and len(empty) == 0 and attr == meta.getattr(d.inode)
+    for i in range(5):
+        mkfile(meta, d.inode, b"f%d" % i)
+    meta.mkdir(C, d.inode, b"sub", 0o755)
+    full = list(meta.readdir(C, d.inode))
+    for limit in (6, 100):
+        attr, small = meta.readdir_small(C, d.inode, limit)
+        assert small is not None and list(small) == full
+        assert attr == meta.getattr(d.inode) and attr.nlink == 3
+    for limit in (0, 5):
+        attr, small = meta.readdir_small(C, d.inode, limit)
+        assert small is None and attr == meta.getattr(d.inode)
+    closed = meta.mkdir(C, ROOT, b"closed", 0o311)
+    other = Ctx(uid=1000, gid=1000, pid=1)
+    for limit in (0, 10):
+        with fs_error(errno.EACCES):
+            meta.readdir_small(other, closed.inode, limit)
+    with fs_error(errno.ENOTDIR):
+        meta.readdir_small(C, full[0].attr.inode, 10)
+
+
 def test_setattr(meta: Meta) -> None:
     f = mkfile(meta, ROOT, b"f", 0o644)
     time.sleep(0.002)

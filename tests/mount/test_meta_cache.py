@@ -66,6 +66,28 @@ def test_stats_after_the_kernel_dropped_its_caches_come_from_memory(
     assert cache_figures(m)["hits_total"] >= hits + len(paths)
 
 
+def test_a_directory_swept_by_stat_is_read_in_one_go(mounter: Mounter, volume: Volume) -> None:
+    """Stat of every file of a directory, name by name, with nothing cached: on a remote
+    engine the mount lists the directory once its lookups keep missing (``loftfs.vfs.sweep``)
+    and answers the rest from memory, with the same answers."""
+    m = mounter.mount(volume)
+    d = m.path / "d"
+    d.mkdir()
+    for i in range(300):
+        (d / f"f{i:03d}").write_bytes(b"x" * i)
+    paths = [f"d/f{i:03d}" for i in range(300)]
+    before = stats(m.path, paths)
+    m = mounter.remount(m)  # nothing in the mount's memory
+    drop_kernel_caches()
+    assert stats(m.path, paths) == before
+    sources = json.loads(loft("stats", str(m.path), "--json").stdout)["sources"]
+    if volume.stack.meta_kind == "sqlite":
+        assert "dir_sweep" not in sources  # a local engine: lookups are as cheap
+        return
+    assert sources["dir_sweep"]["listings_total"] >= 1, sources
+    assert sources["meta_cache"]["hits_total"] >= 200, sources
+
+
 def test_this_mounts_changes_show_at_once(mounter: Mounter, volume: Volume) -> None:
     """Every kind of change through a mount whose answers stay valid for a minute: after the
     kernel drops its caches, what the mount says equals what a mount with no caching at all

@@ -384,7 +384,11 @@ def mount_cmd(
     ] = _DEFAULTS.heartbeat_s,
     gc_interval: Annotated[
         float,
-        typer.Option("--gc-interval", help="Seconds between deletions of unused blocks (0: off)"),
+        typer.Option(
+            "--gc-interval",
+            help="Seconds between deletions of unused blocks (0: off); they wait while the"
+            " mount is busy",
+        ),
     ] = _DEFAULTS.gc_interval_s,
     fuse_options: Annotated[
         list[str] | None,

@@ -238,6 +238,8 @@ def run_mount(
     vfs = VFS(meta, data, settings, opts)
     metrics.register_source("lazy", vfs.lazy.figures)
     metrics.register_source("meta_cache", vfs.cache.figures)
+    if vfs.sweep is not None:
+        metrics.register_source("dir_sweep", vfs.sweep.figures)
     meta.new_session(
         {**process_identity(), "mountpoint": real, "version": _version()},
         heartbeat_s=opts.heartbeat_s,

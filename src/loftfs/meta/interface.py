@@ -190,6 +190,12 @@ class Meta(ABC):
         attributes then too: an entry whose inode was removed in between comes with nlink 0 and
         no other attributes."""
 
+    @abstractmethod
+    def readdir_small(self, ctx: Ctx, inode: int, limit: int) -> tuple[Attr, Listing | None]:
+        """The directory's attributes and, when it holds at most ``limit`` entries, its
+        ``readdir``, read together; None instead of a listing (and no more than about
+        ``limit`` entries' worth read) when it holds more. Needs read permission."""
+
     # --- open files ---------------------------------------------------------------------------
 
     @abstractmethod

@@ -449,6 +449,16 @@ class NamespaceOps(MetaCore):
 
         return self._read(fn)
 
+    def readdir_small(self, ctx: Ctx, inode: int, limit: int) -> tuple[Attr, Listing | None]:
+        def fn(tx: Txn) -> tuple[Attr, Listing | None]:
+            small = tx.count_entries(inode, limit + 1) <= limit
+            listing = self._listing(tx, inode) if small else None
+            attr = self._get_dir(tx, inode)  # after the listing: it may come with it
+            perm.check(ctx, attr, R_OK)
+            return attr, listing
+
+        return self._read(fn)
+
     def _listing(self, tx: Txn, inode: int) -> Listing:
         """What ``readdir`` returns; an engine may have it read attributes as it is read."""
         return tx.list_dir(inode)

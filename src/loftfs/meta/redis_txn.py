@@ -616,6 +616,10 @@ class RedisTxn:
         key = self.k.dir(parent)
         return bool(self._read1([key], ("EXISTS", key)))
 
+    def count_entries(self, parent: int, upto: int) -> int:
+        key = self.k.dir(parent)
+        return min(upto, int(self._read1([key], ("HLEN", key))))
+
     def list_dir(
         self, parent: int, later: ReadRecords | None = None, submit: Submit | None = None
     ) -> Listing:

@@ -344,6 +344,13 @@ class SQLTxn:
     def has_entries(self, parent: int) -> bool:
         return self._one("SELECT 1 FROM loft_edge WHERE parent = ? LIMIT 1", (parent,)) is not None
 
+    def count_entries(self, parent: int, upto: int) -> int:
+        row = self._one(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM loft_edge WHERE parent = ? LIMIT ?) t",
+            (parent, upto),
+        )
+        return int(row[0]) if row else 0
+
     def list_dir(self, parent: int) -> EntryList:
         rows = self._all(
             f"SELECT e.name, {_JOINED_NODE_COLS} FROM loft_edge e "

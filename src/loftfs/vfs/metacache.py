@@ -121,6 +121,30 @@ class MetaCache:
                 ):
                     entries.popitem(last=False)
 
+    def put_listing(
+        self, pattr: Attr, entries: list[tuple[bytes, Attr]], gen: int, read_at: float
+    ) -> None:
+        """``put`` of a directory's attributes and of every (name, attributes) listed in it,
+        read together (``loftfs.vfs.sweep``)."""
+        if not self.enabled:
+            return
+        parent = pattr.inode
+        with self._lock:
+            if gen != self._gen:
+                return
+            names = self._entries
+            for name, attr in entries:
+                self._store(attr, read_at)
+                key = (parent, name)
+                names[key] = (attr.inode, read_at)
+                names.move_to_end(key)
+            self._store(pattr, read_at)  # last: never the oldest, dropped first
+            ttl = max(self.entry_ttl, self.dir_entry_ttl)
+            while names and (
+                len(names) > self.max_items or read_at - next(iter(names.values()))[1] > ttl
+            ):
+                names.popitem(last=False)
+
     def refresh(self, attr: Attr, read_at: float) -> None:
         """Attributes an open just read (fresh, close-to-open): they replace what is kept, and
         an answer read earlier but not yet stored is dropped when they differ."""

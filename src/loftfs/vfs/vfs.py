@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from loftfs.chunk.datapath import BlockSlice, DataPath, ReadState
@@ -44,6 +45,7 @@ from loftfs.vfs.lazy import LazyDirs
 from loftfs.vfs.metacache import MetaCache
 from loftfs.vfs.options import MountOptions
 from loftfs.vfs.predict import OpenPredictor
+from loftfs.vfs.sweep import MAX_LISTED, SweepDetector
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,14 @@ class VFS:
         # Preloading needs a disk cache to read ahead from, and an engine whose round trips
         # are long enough to hide that read behind (with SQLite it only cost time).
         self._preload = data.disk is not None and meta.remote
+        # directories whose lookups keep missing the cache are listed into it in one go
+        # (loftfs.vfs.sweep); with SQLite a lookup costs about what answering it from memory
+        # does, so only for remote engines
+        self.sweep: SweepDetector | None = None
+        self._sweeper: ThreadPoolExecutor | None = None
+        if self.cache.enabled and meta.remote:
+            self.sweep = SweepDetector(min(opts.entry_timeout, opts.attr_timeout))
+            self._sweeper = ThreadPoolExecutor(1, "loft-sweep")
         self._fh = itertools.count(1)
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
@@ -210,7 +220,34 @@ class VFS:
         attr = self._engine_lookup(ctx, parent, name)
         if cache.enabled and attr.inode not in self._inodes:
             cache.put(attr, gen, read_at, parent, name)
+        sweep = self.sweep
+        if sweep is not None and self._sweeper is not None and sweep.missed(parent):
+            try:
+                self._sweeper.submit(self._list_for_lookups, parent)
+            except RuntimeError:  # shut down
+                sweep.done(parent, None)
         return self._with_dirty(attr), 0.0
+
+    def _list_for_lookups(self, parent: int) -> None:
+        """Read directory ``parent`` into the cache (its lookups keep missing it: see
+        ``loftfs.vfs.sweep``). Entries gone meanwhile, and files open in this mount (their
+        sizes move with writes), are left out."""
+        assert self.sweep is not None
+        cache = self.cache
+        listed: bool | None = None
+        try:
+            gen, read_at = cache.generation(), time.monotonic()
+            pattr, listing = self.meta.readdir_small(ROOT_CTX, parent, MAX_LISTED)
+            listed = listing is not None
+            if listing is not None:
+                entries = [(e.name, e.attr) for e in listing if e.attr.nlink]
+                with self._lock:
+                    entries = [(n, a) for n, a in entries if a.inode not in self._inodes]
+                cache.put_listing(pattr, entries, gen, read_at)
+        except Exception as e:  # only a lost optimisation: the lookups go on as before
+            log.debug("listing directory %d for its lookups failed: %s", parent, e)
+        finally:
+            self.sweep.done(parent, listed)
 
     def _engine_lookup(self, ctx: Ctx, parent: int, name: bytes) -> Attr:
         """The engine's lookup. With a disk cache and a remote engine, while opens follow lookups
@@ -964,6 +1001,8 @@ class VFS:
 
     def shutdown(self) -> None:
         """Commit everything still buffered and release open-file records (at unmount)."""
+        if self._sweeper is not None:
+            self._sweeper.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             handles = list(self._files.values())
             self._files.clear()
