@@ -111,15 +111,7 @@ class MetaCache:
                 return
             self._store(attr, read_at)
             if name:
-                entries = self._entries
-                key = (parent, name)
-                entries[key] = (attr.inode, read_at)
-                entries.move_to_end(key)
-                ttl = max(self.entry_ttl, self.dir_entry_ttl)
-                while entries and (
-                    len(entries) > self.max_items or read_at - next(iter(entries.values()))[1] > ttl
-                ):
-                    entries.popitem(last=False)
+                self._store_name(parent, name, attr.inode, read_at)
 
     def put_listing(
         self, pattr: Attr, entries: list[tuple[bytes, Attr]], gen: int, read_at: float
@@ -132,18 +124,10 @@ class MetaCache:
         with self._lock:
             if gen != self._gen:
                 return
-            names = self._entries
             for name, attr in entries:
                 self._store(attr, read_at)
-                key = (parent, name)
-                names[key] = (attr.inode, read_at)
-                names.move_to_end(key)
+                self._store_name(parent, name, attr.inode, read_at)
             self._store(pattr, read_at)  # last: never the oldest, dropped first
-            ttl = max(self.entry_ttl, self.dir_entry_ttl)
-            while names and (
-                len(names) > self.max_items or read_at - next(iter(names.values()))[1] > ttl
-            ):
-                names.popitem(last=False)
 
     def refresh(self, attr: Attr, read_at: float) -> None:
         """Attributes an open just read (fresh, close-to-open): they replace what is kept, and
@@ -155,6 +139,18 @@ class MetaCache:
             if old is not None and old[0] != attr:
                 self._gen += 1
             self._store(attr, read_at)
+
+    def _store_name(self, parent: int, name: bytes, inode: int, read_at: float) -> None:
+        """That ``name`` in ``parent`` names ``inode``; the oldest and expired names dropped."""
+        entries = self._entries
+        key = (parent, name)
+        entries[key] = (inode, read_at)
+        entries.move_to_end(key)
+        ttl = max(self.entry_ttl, self.dir_entry_ttl)
+        while entries and (
+            len(entries) > self.max_items or read_at - next(iter(entries.values()))[1] > ttl
+        ):
+            entries.popitem(last=False)
 
     def _store(self, attr: Attr, read_at: float) -> None:
         attrs = self._attrs

@@ -66,7 +66,7 @@ class SweepDetector:
     def done(self, parent: int, listed: bool | None) -> None:
         """The listing of ``parent`` ended: ``listed`` True (cached: not again while it is
         valid), False (too big: not for ``TOO_BIG_HOLD_S``), None (failed)."""
-        hold = {True: self.window_s, False: TOO_BIG_HOLD_S, None: self.window_s}[listed]
+        hold = TOO_BIG_HOLD_S if listed is False else self.window_s
         now = time.monotonic()
         with self._lock:
             self._listing = False
